@@ -1,0 +1,174 @@
+"""The training loop, written once for every framework and handed a backend.
+
+Like Horovod's ``_keras/callbacks.py``: the framework layers (``hvdkit.torch``,
+``hvdkit.tensorflow``) implement :class:`Backend`; the schedule (epochs, LR warm-up, evaluation,
+checkpoints, logging, progress, summary) lives here and so behaves the same on both.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hvdkit.core.checkpoint import CheckpointPolicy
+from hvdkit.core.data import ArrayDataset
+from hvdkit.core.lr import LRSchedule
+from hvdkit.core.sharding import ShardedBatches
+from hvdkit.recipe import Recipe
+
+
+class Backend(Protocol):
+    """What a framework layer gives the loop. All methods are called on every rank unless noted."""
+
+    rank: int
+    size: int
+    checkpoint_ext: str
+
+    def batch(self, indices: np.ndarray) -> Any:
+        """This rank's batch for ``indices`` (into the training arrays), ready for ``train_step``."""
+
+    def train_step(self, batch: Any, lr: float) -> tuple[float, float]:
+        """One optimizer step with averaged gradients; returns (this rank's loss, seconds blocked on averaging)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics averaged over all ranks (a collective)."""
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum over ranks (a collective)."""
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a collective)."""
+
+    def broadcast_state(self, resumed: bool) -> None:
+        """Make every rank's model (and, when ``resumed``, optimizer) state equal to rank 0's (a collective)."""
+
+    def save_checkpoint(self, path: Path, meta: dict) -> None:
+        """Rank 0 only: write model + optimizer + ``meta`` to ``path`` (the loop makes it atomic)."""
+
+    def load_checkpoint(self, path: Path) -> dict:
+        """Rank 0 only: restore model + optimizer from ``path``; return its ``meta``."""
+
+
+class Tracker(Protocol):
+    def record_step(self, step: int, *, samples: int, step_time_s: float, data_time_s: float, comm_wait_s: float, loss: float) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+
+@dataclass
+class Summary:
+    epochs: int = 0
+    steps: int = 0
+    loss: float = math.nan
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    samples_per_sec: float = math.nan  # measured sum over ranks
+    seconds: float = 0.0
+    resumed_from: str | None = None
+    checkpoint: str | None = None
+
+
+def plan_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, total optimizer steps) for the recipe."""
+    if recipe.steps:
+        return math.ceil(recipe.steps / steps_per_epoch), recipe.steps
+    return recipe.epochs or 1, (recipe.epochs or 1) * steps_per_epoch
+
+
+def run_training(
+    backend: Backend,
+    recipe: Recipe,
+    data: ArrayDataset,
+    tracker: Tracker,
+    *,
+    progress: Callable[[int, int], Any] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> Summary:
+    rank, size = backend.rank, backend.size
+    batches = ShardedBatches(len(data.x_train), recipe.batch_size, rank, size, recipe.seed)
+    epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
+    schedule = LRSchedule(recipe.optimizer.lr, size, recipe.lr_schedule.scale,
+                          round(recipe.lr_schedule.warmup_epochs * batches.steps_per_epoch))
+    policy = CheckpointPolicy(recipe.checkpoint.dir, recipe.checkpoint.every_epochs, backend.checkpoint_ext)
+    summary = Summary()
+
+    # Resume: rank 0 reads the newest checkpoint, then one broadcast gives every rank its state.
+    start_epoch, step = 0, 0
+    latest = policy.latest() if recipe.checkpoint.resume else None
+    resumed = bool(backend.broadcast_object(latest is not None if rank == 0 else None))
+    if resumed:
+        meta = backend.load_checkpoint(latest) if rank == 0 else None
+        meta = backend.broadcast_object(meta)
+        start_epoch, step = meta["epoch"] + 1, meta["step"]
+        summary.resumed_from = str(latest) if rank == 0 else None
+    # Broadcast initial state from rank 0 so all replicas start identical (random init or resumed).
+    backend.broadcast_state(resumed)
+
+    bar = progress(total_steps, step) if progress else None
+    t_train, samples_done, loss = time.perf_counter(), 0, math.nan
+    for epoch in range(start_epoch, epochs):
+        it = batches.epoch(epoch)
+        while step < total_steps:
+            t0 = time.perf_counter()
+            idx = next(it, None)
+            if idx is None:
+                break
+            batch = backend.batch(idx)
+            t1 = time.perf_counter()
+            loss, comm_wait = backend.train_step(batch, schedule.at(step))
+            t2 = time.perf_counter()
+            step += 1
+            samples_done += len(idx)
+            tracker.record_step(step, samples=len(idx), step_time_s=t2 - t1, data_time_s=t1 - t0, comm_wait_s=comm_wait, loss=loss)
+            if bar is not None:
+                bar.update(1)
+                if step % recipe.log.every_steps == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
+            if after_step:
+                after_step(step)
+        if recipe.eval.enabled and ((epoch + 1) % recipe.eval.every_epochs == 0 or epoch == epochs - 1):
+            summary.val_metrics = backend.evaluate()
+            tracker.log_metrics(summary.val_metrics, step)
+        if policy.due(epoch, epochs - 1) and rank == 0:
+            path = policy.path_for(epoch)
+            backend.save_checkpoint(path, {"epoch": epoch, "step": step, "recipe": recipe.name})
+            summary.checkpoint = str(path)
+        summary.epochs = epoch + 1
+        if step >= total_steps:
+            break
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_train
+    # Measured total throughput: each rank's own rate, summed (not rank 0's rate × N).
+    rate = samples_done / elapsed if elapsed > 0 else 0.0
+    totals = backend.allreduce_sum(np.array([rate, loss if math.isfinite(loss) else 0.0], dtype=np.float64))
+    summary.samples_per_sec = float(totals[0])
+    summary.loss = float(totals[1] / size)
+    summary.steps, summary.seconds = step, elapsed
+    return summary
+
+
+def print_summary(summary: Summary, recipe: Recipe, size: int, file=None) -> None:
+    """Rank 0's closing table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"hvdkit · {recipe.name} · {recipe.framework} · np={size}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("epochs", str(summary.epochs)), ("steps", str(summary.steps)), ("train loss", f"{summary.loss:.4f}")]
+    rows += [(k, f"{v:.4f}") for k, v in summary.val_metrics.items()]
+    rows += [("samples/s (all ranks)", f"{summary.samples_per_sec:,.1f}"), ("time (s)", f"{summary.seconds:.1f}")]
+    if summary.resumed_from:
+        rows.append(("resumed from", summary.resumed_from))
+    if summary.checkpoint:
+        rows.append(("checkpoint", summary.checkpoint))
+    for r in rows:
+        table.add_row(*r)
+    Console(file=file or sys.stdout, width=100).print(table)

@@ -1,0 +1,156 @@
+"""Turn a validated recipe + options into a ``horovodrun`` command line, and run it.
+
+Everything that can be checked before a worker starts is checked here (recipe, framework built
+into Horovod, slots), so bad input costs one line and exit code 2, never a half-started job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvdkit.build import _env
+from hvdkit.errors import LaunchError
+from hvdkit.recipe import LoadedRecipe
+
+_HOST = re.compile(r"^([A-Za-z0-9_.\-\[\]:]+?)(?::(\d+))?$")
+
+
+@dataclass
+class LaunchOptions:
+    np: int = 1
+    hosts: str | None = None
+    hostfile: str | None = None
+    controller: str = "gloo"  # gloo | mpi
+    timeline: str | None = None
+    autotune: bool = False
+    autotune_log: str | None = None
+    fusion_threshold_mb: float | None = None
+    cycle_time_ms: float | None = None
+    ssh_port: int | None = None
+    ssh_identity_file: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_hosts(spec: str) -> list[tuple[str, int]]:
+    """``"a:2,b:1"`` -> ``[("a", 2), ("b", 1)]``; a host without ``:N`` has one slot."""
+    hosts = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = _HOST.match(part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise LaunchError(f"bad host entry {part!r} in -H {spec!r}", fix="write hosts as host:slots, e.g. -H node1:2,node2:2")
+        hosts.append((m.group(1), int(m.group(2) or 1)))
+    if not hosts:
+        raise LaunchError(f"-H {spec!r} names no host", fix="write hosts as host:slots, e.g. -H node1:2,node2:2")
+    return hosts
+
+
+def parse_hostfile(path: str) -> list[tuple[str, int]]:
+    p = Path(path)
+    if not p.is_file():
+        raise LaunchError(f"hostfile {path} not found", fix="pass an existing file with lines like `node1 slots=2`")
+    hosts = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.match(r"^(\S+)(?:\s+slots\s*=\s*(\d+))?\s*$", line)
+        if not m:
+            raise LaunchError(f"hostfile {path} line {n}: cannot parse {line!r}", fix="write one `host slots=N` per line")
+        hosts.append((m.group(1), int(m.group(2) or 1)))
+    if not hosts:
+        raise LaunchError(f"hostfile {path} lists no host", fix="write one `host slots=N` per line")
+    return hosts
+
+
+def resolve_hosts(opts: LaunchOptions) -> list[tuple[str, int]]:
+    if opts.hosts and opts.hostfile:
+        raise LaunchError("both -H and --hostfile given", fix="pass one of them")
+    hosts = parse_hosts(opts.hosts) if opts.hosts else parse_hostfile(opts.hostfile) if opts.hostfile else [("localhost", opts.np)]
+    slots = sum(s for _, s in hosts)
+    if opts.np < 1:
+        raise LaunchError(f"-np {opts.np} must be at least 1", fix="pass -np 1 or more")
+    if opts.np > slots:
+        listing = ",".join(f"{h}:{s}" for h, s in hosts)
+        raise LaunchError(f"-np {opts.np} is larger than the {slots} slot(s) of the hosts ({listing})",
+                          fix=f"lower -np to {slots} or add slots (-H host:slots)")
+    return hosts
+
+
+def check_framework_built(framework: str) -> None:
+    """Is ``horovod.<framework>`` available? Fast path: hvdkit's build marker; else import it in a subprocess."""
+    if not _env.framework_version(framework):
+        raise LaunchError(f"framework {framework!r} is not installed", fix=_env.INSTALL_HINT[framework])
+    if not _env.dist_version("horovod"):
+        raise LaunchError("Horovod is not installed", fix="hvdkit build-horovod")
+    build = _env.installed_build()
+    if build and build.get("frameworks", {}).get(framework) == _env.framework_version(framework):
+        return
+    probe = _env.probe_horovod([framework])[framework]
+    if not probe.get("ok"):
+        raise LaunchError(f"Horovod is not built with {framework} ({probe.get('error')})",
+                          fix=f"hvdkit build-horovod --frameworks {framework}  (`hvdkit doctor` explains)")
+
+
+def worker_env(opts: LaunchOptions) -> dict[str, str]:
+    env = dict(os.environ, **opts.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Open MPI refuses to run as root without both (containers usually run as root).
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: list[str], overrides: list[str]) -> list[str]:
+    horovodrun = shutil.which("horovodrun", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if not horovodrun:
+        raise LaunchError("horovodrun not found next to this Python or on PATH", fix="hvdkit build-horovod")
+    cmd = [horovodrun, "-np", str(opts.np)]
+    if opts.hosts:
+        cmd += ["-H", opts.hosts]
+    elif opts.hostfile:
+        cmd += ["--hostfile", opts.hostfile]
+    cmd.append(f"--{opts.controller}")
+    if opts.timeline:
+        cmd += ["--timeline-filename", str(Path(opts.timeline).resolve())]
+    if opts.autotune:
+        cmd.append("--autotune")
+        if opts.autotune_log:
+            cmd += ["--autotune-log-file", str(Path(opts.autotune_log).resolve())]
+    if opts.fusion_threshold_mb is not None:
+        cmd += ["--fusion-threshold-mb", str(opts.fusion_threshold_mb)]
+    if opts.cycle_time_ms is not None:
+        cmd += ["--cycle-time-ms", str(opts.cycle_time_ms)]
+    if opts.ssh_port:
+        cmd += ["-p", str(opts.ssh_port)]
+    if opts.ssh_identity_file:
+        cmd += ["-i", opts.ssh_identity_file]
+    spec = loaded.recipe.python or str(loaded.source)
+    cmd += [sys.executable, "-m", "hvdkit.train", spec, "--framework", loaded.recipe.framework, *train_args, *overrides]
+    return cmd
+
+
+def launch(cmd: list[str], env: dict[str, str]) -> int:
+    """Run horovodrun in its own process group; Ctrl-C / SIGTERM reach every worker once."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,96 @@
+"""The recipe: what to train, validated by pydantic. Framework-free.
+
+A recipe says *what* (model, data, batch, optimizer, schedule); hvdkit supplies the Horovod *how*.
+Every field has a default except ``name``, so a minimal YAML is a few lines.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+Framework = Literal["torch", "tensorflow"]
+FRAMEWORKS: tuple[str, ...] = ("torch", "tensorflow")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos, not extensions: reject them with the valid names.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    name: Literal["mlp", "cnn", "resnet", "custom"] = "mlp"
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [128], description="MLP hidden layer widths")
+    channels: PositiveInt = Field(32, description="CNN/ResNet base channel count")
+    blocks: PositiveInt = Field(2, description="ResNet residual blocks per stage")
+
+
+class DataSpec(_Strict):
+    name: Literal["digits", "synthetic", "custom"] = "digits"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    # synthetic images: generated, never downloaded
+    image_size: PositiveInt = 32
+    channels: PositiveInt = 3
+    num_classes: PositiveInt = 10
+    num_samples: PositiveInt = 2048
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class LRSpec(_Strict):
+    # linear: lr = base × world size (Goyal et al.), reached after a linear warm-up from base
+    scale: Literal["linear", "sqrt", "none"] = "linear"
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class HorovodSpec(_Strict):
+    compression: Literal["none", "fp16"] = "none"
+    backward_passes_per_step: PositiveInt = 1
+
+
+class EvalSpec(_Strict):
+    every_epochs: PositiveInt = 1
+    enabled: bool = True
+
+
+class CheckpointSpec(_Strict):
+    dir: str | None = None  # None: no checkpoints
+    every_epochs: PositiveInt = 1
+    resume: bool = True
+
+
+class LogSpec(_Strict):
+    every_steps: PositiveInt = 10
+    progress: bool = True
+
+
+class Recipe(_Strict):
+    name: str = Field(..., min_length=1)
+    framework: Framework = "torch"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    batch_size: PositiveInt = Field(32, description="per-rank batch size")
+    epochs: PositiveInt | None = 10
+    steps: PositiveInt | None = Field(None, description="total optimizer steps; overrides epochs when set")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    lr_schedule: LRSpec = Field(default_factory=LRSpec)
+    horovod: HorovodSpec = Field(default_factory=HorovodSpec)
+    seed: int = 42
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    log: LogSpec = Field(default_factory=LogSpec)
+    threads: PositiveInt | None = Field(1, description="compute threads per rank (None: the framework's default)")
+    keras_fit: bool = Field(False, description="tensorflow only: train with model.fit and hvdkit's Keras callbacks")
+    python: str | None = Field(None, description="set for Python recipes: path.py:ClassName")
+
+    @model_validator(mode="after")
+    def _custom_needs_python(self) -> "Recipe":
+        if (self.model.name == "custom" or self.data.name == "custom") and not self.python:
+            raise ValueError("model/data 'custom' is only valid in a Python recipe (a class with build_model/build_data)")
+        return self

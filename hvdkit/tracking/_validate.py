@@ -1,0 +1,123 @@
+"""Names and values checked at the API boundary, with MLflow's own rules.
+
+A name MLflow rejects would otherwise only fail in the writer thread, long after the call and
+far from the code that chose it; checking here turns it into a TrackingError at the call site.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_TAG_VAL_LENGTH,
+    _validate_metric_name,
+    _validate_param_name,
+    _validate_tag_name,
+)
+
+from hvdkit.errors import TrackingError
+
+_NAME_FIX = (
+    "use only letters, digits, _ - . / : and spaces, at most "
+    f"{MAX_ENTITY_KEY_LENGTH} characters, not starting with '/' or containing '..'"
+)
+
+# Names already checked: log_metrics is called with the same few keys every epoch.
+_ok_metric_names: set[str] = set()
+
+
+def _mlflow_reason(exc: MlflowException) -> str:
+    return str(exc.message if hasattr(exc, "message") else exc)
+
+
+def check_metric_name(key: object) -> str:
+    if isinstance(key, str) and key in _ok_metric_names:
+        return key
+    if not isinstance(key, str):
+        raise TrackingError(f"metric name {key!r} is not a string", fix="name metrics with str keys")
+    try:
+        _validate_metric_name(key)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow rejects metric name {key!r}: {_mlflow_reason(exc)}", fix=_NAME_FIX) from None
+    if len(key) > MAX_ENTITY_KEY_LENGTH:
+        raise TrackingError(f"metric name {key[:40]!r}... is longer than {MAX_ENTITY_KEY_LENGTH} characters", fix=_NAME_FIX)
+    _ok_metric_names.add(key)
+    return key
+
+
+def check_metric_value(key: str, value: object) -> float:
+    # bool is an int to Python but MLflow rejects it; numpy scalars convert through float().
+    if isinstance(value, bool):
+        raise TrackingError(f"metric {key!r} has a bool value {value!r}", fix="log 0/1 or a float")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TrackingError(
+            f"metric {key!r} has a non-numeric value {value!r}", fix="log a number (int, float, numpy scalar)"
+        ) from None
+
+
+def check_param_name(key: str) -> str:
+    try:
+        _validate_param_name(key)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow rejects param name {key!r}: {_mlflow_reason(exc)}", fix=_NAME_FIX) from None
+    if len(key) > MAX_ENTITY_KEY_LENGTH:
+        raise TrackingError(f"param name {key[:40]!r}... is longer than {MAX_ENTITY_KEY_LENGTH} characters", fix=_NAME_FIX)
+    return key
+
+
+def check_tag_name(key: str) -> str:
+    try:
+        _validate_tag_name(key)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow rejects tag name {key!r}: {_mlflow_reason(exc)}", fix=_NAME_FIX) from None
+    return key
+
+
+def _truncate(value: str, limit: int) -> str:
+    # Truncated rather than rejected: a long value (a host list, a big recipe section) is still
+    # useful cut short, and failing the job over it would be worse.
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return json.dumps(list(value), default=str, separators=(",", ":"))
+        except (TypeError, ValueError):
+            return str(value)
+    return str(value)
+
+
+def flatten_params(params: Mapping[str, Any], *, sep: str = ".") -> dict[str, str]:
+    """Nested mappings become dotted keys (``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``),
+    lists become compact JSON, and every value is cut to MLflow's param length limit.
+
+    Raises TrackingError naming a key MLflow would reject.
+    """
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if not value and prefix:
+                out[prefix] = "{}"
+            for k, v in value.items():
+                walk(f"{prefix}{sep}{k}" if prefix else str(k), v)
+            return
+        out[check_param_name(prefix)] = _truncate(_to_str(value), MAX_PARAM_VAL_LENGTH)
+
+    walk("", params)
+    return out
+
+
+def clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """Tags as MLflow stores them: checked names, str values cut to the tag length limit."""
+    return {check_tag_name(str(k)): _truncate(_to_str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}

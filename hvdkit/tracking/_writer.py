@@ -1,0 +1,199 @@
+"""The background writer: training threads hand it events and never wait for MLflow.
+
+Two daemon threads, so a slow or dead store never delays the spool:
+
+* the spool thread drains the queue and appends events to ``events.jsonl`` (local disk);
+* the apply thread reads the spool from its cursor and applies it to MLflow (see ``_apply``),
+  retrying with backoff while the store is unavailable.
+
+Because the apply thread reads whatever has accumulated, a store that falls behind gets fewer,
+fuller ``log_batch`` calls per run: the backlog itself is the batching.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from hvdkit.tracking._apply import Applier, StoreUnavailable
+from hvdkit.tracking._spool import Event, Spool
+from hvdkit.tracking._uri import absolute_uri, is_remote
+
+log = logging.getLogger("hvdkit.tracking")
+
+_STOP = object()
+_BACKOFF_START_S = 0.5
+_BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class CloseReport:
+    spooled: int  # events written to the spool
+    applied: int  # of which applied to the store
+    spool_dir: str
+    dropped: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.spooled - self.applied
+
+
+class SpoolWriter:
+    def __init__(self, spool: Spool, tracking_uri: str, *, keep_spool: bool = False) -> None:
+        self.spool = spool
+        self.tracking_uri = absolute_uri(tracking_uri)
+        self.keep_spool = keep_spool
+        spool.lock()
+        self._queue: queue.Queue[object] = queue.Queue()  # unbounded: put never blocks training
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._spooled = 0
+        self._applied = 0
+        self._failures = 0
+        self._spool_done = False
+        self._closing = False
+        self._abandon = False
+        self._closed: CloseReport | None = None
+        self._run_ids: dict[str, str] = {}
+        self._applier = Applier(
+            spool, self.tracking_uri, workers=4 if is_remote(self.tracking_uri) else 1, on_run_created=self._created
+        )
+        self._spool_thread = threading.Thread(target=self._spool_loop, name="hvdkit-spool", daemon=True)
+        self._apply_thread = threading.Thread(target=self._apply_loop, name="hvdkit-apply", daemon=True)
+        self._spool_thread.start()
+        self._apply_thread.start()
+
+    # -- training-thread side -------------------------------------------------------------
+    def submit(self, event: Event) -> None:
+        if not self._closing:
+            self._queue.put_nowait(event)
+
+    def wait_for_run(self, ref: str, timeout: float) -> str | None:
+        """The run id of ``ref`` once created; None if the store failed first or on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            failures = self._failures
+            while ref not in self._run_ids and self._failures == failures:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._run_ids.get(ref)
+
+    def close(self, timeout: float = 30.0) -> CloseReport:
+        """Spool everything, then give the store up to ``timeout`` s to catch up. What it could
+        not take stays in the spool, announced by one line on stderr. Idempotent."""
+        if self._closed is not None:
+            return self._closed
+        deadline = time.monotonic() + timeout
+        self._closing = True
+        self._queue.put(_STOP)
+        self._spool_thread.join()  # local disk only: bounded
+        self._wake.set()  # cut a backoff sleep short: try the store now
+        with self._cond:
+            while self._applied < self._spooled and self._apply_thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._abandon = True
+            self._cond.notify_all()
+        # The apply thread may be inside a store call that outlives our deadline; it is a daemon
+        # and its state writes are atomic, so leaving it is safe.
+        self._apply_thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        report = CloseReport(self._spooled, self._applied, str(self.spool.dir), self._applier.stats.dropped)
+        if report.pending == 0 and not self._apply_thread.is_alive():
+            if self.keep_spool:
+                self.spool.unlock()
+            else:
+                self.spool.remove()  # fully applied: the spool was only a buffer
+        else:
+            print(
+                f"{report.pending} events spooled in {self.spool.dir}; replay with: hvdkit sync {self.spool.dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._closed = report
+        return report
+
+    # -- threads --------------------------------------------------------------------------
+    def _created(self, ref: str, run_id: str) -> None:
+        with self._cond:
+            self._run_ids[ref] = run_id
+            self._cond.notify_all()
+
+    def _spool_loop(self) -> None:
+        f = self.spool.open_append()
+        try:
+            stop = False
+            while not stop:
+                batch = [self._queue.get()]
+                while len(batch) < 10_000:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch[-1] is _STOP:
+                    batch.pop()
+                    stop = True
+                lines = [self.spool.encode(ev) for ev in batch]  # type: ignore[arg-type]
+                if lines:
+                    f.write("".join(lines))
+                    f.flush()
+                if stop:
+                    os.fsync(f.fileno())
+                with self._cond:
+                    self._spooled += len(lines)
+                    self._cond.notify_all()
+        except Exception:  # never into training; the close line will show what was not spooled
+            log.exception("hvdkit tracking: writing the spool %s failed", self.spool.events_path)
+        finally:
+            f.close()
+            with self._cond:
+                self._spool_done = True
+                self._cond.notify_all()
+
+    def _apply_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            if backoff and not self._closing:
+                self._wake.wait(backoff)  # set by close(): retry at once from then on
+            with self._cond:
+                while not self._abandon and self._applied >= self._spooled:
+                    if self._spool_done:
+                        return
+                    self._cond.wait()
+                if self._abandon:
+                    return
+            try:
+                n = self._applier.apply_next()
+            except StoreUnavailable as exc:
+                backoff = min(_BACKOFF_MAX_S, backoff * 2) if backoff else _BACKOFF_START_S
+                with self._cond:
+                    self._failures += 1
+                    if self._failures == 1:
+                        log.warning(
+                            "MLflow store %s unavailable (%s); spooling to %s and retrying",
+                            self.tracking_uri,
+                            exc,
+                            self.spool.dir,
+                        )
+                    self._cond.notify_all()
+                if self._closing:
+                    time.sleep(min(backoff, 0.5))  # close() is waiting: retry soon, but do not spin
+                continue
+            except Exception:  # a bug in apply must not take training down, nor spin
+                log.exception("hvdkit tracking: applying the spool failed; it stays in %s", self.spool.dir)
+                with self._cond:
+                    self._failures += 1
+                    self._cond.notify_all()
+                return
+            backoff = 0.0
+            with self._cond:
+                self._applied += n
+                self._cond.notify_all()

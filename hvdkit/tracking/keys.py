@@ -1,0 +1,129 @@
+"""Every metric key and tag name hvdkit logs, defined once.
+
+Trainers, the job tracker, the efficiency lookup and the docs all read these tables, so a
+key is spelled in exactly one place and a dashboard built on it cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scope = Literal["rank", "job"]
+
+
+@dataclass(frozen=True)
+class MetricKey:
+    name: str
+    unit: str
+    meaning: str
+    scope: Scope
+
+
+# Per-rank keys, logged on each child run ``rank-<r>``. The ORDER of this tuple is the layout of
+# the vector each rank contributes to the gather (``RANK_VECTOR``), so append, never reorder.
+RANK_KEYS: tuple[MetricKey, ...] = (
+    MetricKey("samples_per_sec", "samples/s", "samples / (step + data time) over the interval", "rank"),
+    MetricKey("step_time_s", "s", "mean time of one step (forward, backward, update) over the interval", "rank"),
+    MetricKey("data_time_s", "s", "mean time waiting for the next batch over the interval", "rank"),
+    MetricKey("comm_wait_s", "s", "mean time blocked on gradient averaging per step", "rank"),
+    MetricKey("loss", "", "mean training loss over the interval", "rank"),
+    MetricKey("rss_mb", "MiB", "resident memory of the rank's process at the gather", "rank"),
+)
+
+# Job keys, logged on the parent run.
+JOB_KEYS: tuple[MetricKey, ...] = (
+    MetricKey("samples_per_sec", "samples/s", "sum of the ranks' samples_per_sec at the same step", "job"),
+    MetricKey("loss", "", "mean of the ranks' loss at the same step", "job"),
+    MetricKey("val_loss", "", "validation loss, already averaged over ranks", "job"),
+    MetricKey("val_accuracy", "", "validation accuracy, already averaged over ranks", "job"),
+    MetricKey("straggler_ratio", "", "max / median of the ranks' step_time_s at the same step", "job"),
+    MetricKey("world_size", "ranks", "number of ranks of the job", "job"),
+    MetricKey("scaling_efficiency", "", "T_N / (N * T_1), T = samples_per_sec, T_1 from an np=1 baseline", "job"),
+)
+
+# Names, for code that refers to one key (``keys.SAMPLES_PER_SEC`` rather than a string literal).
+SAMPLES_PER_SEC = "samples_per_sec"
+STEP_TIME_S = "step_time_s"
+DATA_TIME_S = "data_time_s"
+COMM_WAIT_S = "comm_wait_s"
+LOSS = "loss"
+RSS_MB = "rss_mb"
+VAL_LOSS = "val_loss"
+VAL_ACCURACY = "val_accuracy"
+STRAGGLER_RATIO = "straggler_ratio"
+WORLD_SIZE = "world_size"
+SCALING_EFFICIENCY = "scaling_efficiency"
+
+RANK_VECTOR: tuple[str, ...] = tuple(k.name for k in RANK_KEYS)
+"""Column order of the ``[size, k]`` array the gather returns."""
+
+RANK_KEY_NAMES = frozenset(RANK_VECTOR)
+JOB_KEY_NAMES = frozenset(k.name for k in JOB_KEYS)
+
+# Tags. ``hvdkit.*`` are ours; MLflow's own tags we set are named here too so nothing else
+# imports mlflow.utils.mlflow_tags just for a string.
+TAG_ROLE = "hvdkit.role"  # parent | rank | sweep
+TAG_RANK = "hvdkit.rank"
+TAG_LOCAL_RANK = "hvdkit.local_rank"
+TAG_HOST = "hvdkit.host"  # the host of one rank (child runs)
+TAG_HOSTS = "hvdkit.hosts"  # comma-joined unique hosts of all ranks (parent run)
+TAG_RECIPE = "hvdkit.recipe"
+TAG_FRAMEWORK = "hvdkit.framework"
+TAG_BATCH_SIZE = "hvdkit.batch_size"
+TAG_HOST_TYPE = "hvdkit.host_type"
+TAG_WORLD_SIZE = "hvdkit.world_size"
+TAG_JOB_ID = "hvdkit.job_id"
+TAG_SPOOL_REF = "hvdkit.spool_ref"  # "<job_id>/<ref>": finds a run created before a crash lost its id
+TAG_RANK_SAMPLING = "hvdkit.rank_sampling"  # k when only every k-th rank has a child run
+
+ROLE_PARENT = "parent"
+ROLE_RANK = "rank"
+ROLE_SWEEP = "sweep"
+
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+
+
+def describe(scope: Scope | None = None) -> list[MetricKey]:
+    """The key table (both scopes, or one), e.g. for ``hvdkit`` docs or a CLI listing."""
+    rows = [*RANK_KEYS, *JOB_KEYS]
+    return [k for k in rows if scope is None or k.scope == scope]
+
+
+__all__ = [
+    "COMM_WAIT_S",
+    "DATA_TIME_S",
+    "JOB_KEYS",
+    "JOB_KEY_NAMES",
+    "LOSS",
+    "MLFLOW_PARENT_RUN_ID",
+    "MetricKey",
+    "RANK_KEYS",
+    "RANK_KEY_NAMES",
+    "RANK_VECTOR",
+    "ROLE_PARENT",
+    "ROLE_RANK",
+    "ROLE_SWEEP",
+    "RSS_MB",
+    "SAMPLES_PER_SEC",
+    "SCALING_EFFICIENCY",
+    "STEP_TIME_S",
+    "STRAGGLER_RATIO",
+    "TAG_BATCH_SIZE",
+    "TAG_FRAMEWORK",
+    "TAG_HOST",
+    "TAG_HOSTS",
+    "TAG_HOST_TYPE",
+    "TAG_JOB_ID",
+    "TAG_LOCAL_RANK",
+    "TAG_RANK",
+    "TAG_RANK_SAMPLING",
+    "TAG_RECIPE",
+    "TAG_ROLE",
+    "TAG_SPOOL_REF",
+    "TAG_WORLD_SIZE",
+    "VAL_ACCURACY",
+    "VAL_LOSS",
+    "WORLD_SIZE",
+    "describe",
+]
