@@ -95,7 +95,9 @@ class TorchBackend:
         return hvd.allgather(torch.from_numpy(vector[None, :]), name="hvdkit.gather").numpy()
 
     def broadcast_object(self, obj: Any) -> Any:
-        return hvd.broadcast_object(obj, root_rank=0)
+        # A fixed name: Horovod's default is the object's type name, which differs between
+        # rank 0's value and the other ranks' placeholder, and the ranks would never match up.
+        return hvd.broadcast_object(obj, root_rank=0, name="hvdkit.object")
 
     def broadcast_state(self, resumed: bool) -> None:
         # Optimizer state only when resuming: a fresh optimizer is identical everywhere, and

@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up everything it needs
+# (system packages when root, .venv, pip install, a patched Horovod build from the wheel cache in
+# ~/.cache/hvdkit) and is idempotent: a second run skips what is already done.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hvdkit-installed
+export OMPI_ALLOW_RUN_AS_ROOT ?= 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps horovod demo test bench lint clean
+.DEFAULT_GOAL := demo
+
+setup: system-deps $(STAMP) horovod
+
+system-deps:
+	@bash .ci/system-deps
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install -q -e '.[torch,tensorflow,dev]'
+	@touch $@
+
+horovod: $(STAMP)
+	$(BIN)/hvdkit build-horovod
+
+demo: setup
+	$(BIN)/hvdkit doctor
+	$(BIN)/hvdkit run recipes/digits.yaml -np 2 --framework torch
+	$(BIN)/hvdkit run recipes/digits.yaml -np 2 --framework tensorflow
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/hadolint docker/Dockerfile.*
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

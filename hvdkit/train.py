@@ -1,0 +1,119 @@
+"""The per-rank process: ``horovodrun -np N python -m hvdkit.train RECIPE [options] [key=value ...]``.
+
+``hvdkit run`` starts exactly this under horovodrun, so a plain horovodrun line behaves the same.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from importlib import import_module
+
+import click
+
+from hvdkit.errors import HvdkitError
+
+
+class _Killed(BaseException):
+    """SIGTERM/SIGINT: unwinds the training loop so the run ends as KILLED, not RUNNING."""
+
+
+def _on_signal(signum, _frame):
+    raise _Killed(signal.Signals(signum).name)
+
+
+def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id):
+    from hvdkit.tracking import TrackingConfig
+
+    return TrackingConfig(
+        enabled=not no_track,
+        experiment=experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hvdkit",
+        run_name=f"{recipe.name}-{recipe.framework}",
+        log_every=log_every or recipe.log.every_steps,
+        parent_run_id=parent_run_id,
+    )
+
+
+def _params(recipe) -> dict:
+    from hvdkit.build import _env
+
+    knobs = {k: os.environ[k] for k in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "HOROVOD_AUTOTUNE",
+                                        "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS", "HOROVOD_TIMELINE") if k in os.environ}
+    versions = {f"version.{n}": _env.dist_version(d) or "none" for n, d in
+                (("hvdkit", "hvdkit"), ("horovod", "horovod"), ("mlflow", "mlflow"), ("torch", "torch"),
+                 ("tensorflow", "tensorflow-cpu"), ("keras", "keras"))}
+    return {"recipe": recipe.model_dump(mode="json"), "horovod_env": knobs, **versions}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("recipe_path")
+@click.option("--framework", type=click.Choice(["torch", "tensorflow"]), default=None)
+@click.option("--no-track", is_flag=True)
+@click.option("--log-every", type=int, default=None)
+@click.option("--experiment", default=None)
+@click.option("--baseline", default=None)
+@click.option("--parent-run-id", default=None)
+@click.argument("overrides", nargs=-1)
+def main(recipe_path, framework, no_track, log_every, experiment, baseline, parent_run_id, overrides) -> None:
+    from hvdkit.recipe import load_recipe
+
+    try:
+        loaded = load_recipe(recipe_path, list(overrides), framework=framework)
+    except HvdkitError as exc:
+        click.echo(f"hvdkit.train: error: {exc.one_line()}", err=True)
+        sys.exit(exc.exit_code)
+    recipe = loaded.recipe
+    sys.exit(train(loaded, no_track=no_track, log_every=log_every, experiment=experiment,
+                   baseline=baseline, parent_run_id=parent_run_id))
+
+
+def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None) -> int:
+    from hvdkit.core import load_builtin, print_summary, run_training
+    from hvdkit.tracking import World, open_job_tracker, rank_zero
+
+    recipe = loaded.recipe
+    layer = import_module(f"hvdkit.{recipe.framework}")
+    py = loaded.python
+    data = (py.build_data(recipe.seed) if py else None) or load_builtin(recipe.data, recipe.seed)
+    model = py.build_model(recipe.framework, data.input_shape, data.num_classes) if py else None
+    backend = layer.make_backend(recipe, data, model)  # hvd.init() happens here
+    world = World.from_horovod_env(backend.rank, backend.size, backend.broadcast_object)
+    tracker = open_job_tracker(_tracking_config(recipe, no_track, log_every, experiment, parent_run_id),
+                               world, gather=backend.gather, broadcast_object=backend.broadcast_object)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    status = "FAILED"
+    try:
+        tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
+                                                    "hvdkit.batch_size": str(recipe.batch_size)})
+        progress = rank_zero(backend.rank, _progress_bar, default=None) if recipe.log.progress else None
+        if getattr(recipe, "keras_fit", False) and recipe.framework == "tensorflow":
+            summary = backend.fit(recipe, tracker)
+        else:
+            summary = run_training(backend, recipe, data, tracker, progress=progress)
+        rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
+        for env_key in ("HOROVOD_TIMELINE", "HOROVOD_AUTOTUNE_LOG"):
+            if os.environ.get(env_key) and os.path.exists(os.environ[env_key]):
+                tracker.log_artifact(os.environ[env_key], "horovod")
+        if summary.checkpoint:
+            tracker.log_artifact(summary.checkpoint, "checkpoints")
+        if loaded.source.exists():
+            tracker.log_artifact(str(loaded.source), "recipe")
+        status = "FINISHED"
+        return 0
+    except _Killed:
+        status = "KILLED"
+        return 130
+    finally:
+        tracker.finish(status)
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+
+if __name__ == "__main__":
+    main()
