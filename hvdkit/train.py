@@ -63,7 +63,6 @@ def main(recipe_path, framework, no_track, log_every, experiment, baseline, pare
     except HvdkitError as exc:
         click.echo(f"hvdkit.train: error: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
-    recipe = loaded.recipe
     sys.exit(train(loaded, no_track=no_track, log_every=log_every, experiment=experiment,
                    baseline=baseline, parent_run_id=parent_run_id))
 
@@ -78,8 +77,10 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     data = (py.build_data(recipe.seed) if py else None) or load_builtin(recipe.data, recipe.seed)
     model = py.build_model(recipe.framework, data.input_shape, data.num_classes) if py else None
     backend = layer.make_backend(recipe, data, model)  # hvd.init() happens here
-    world = World.from_horovod_env(backend.rank, backend.size, backend.broadcast_object)
-    tracker = open_job_tracker(_tracking_config(recipe, no_track, log_every, experiment, parent_run_id),
+    world = World.from_horovod_env(backend.rank, backend.size, backend.gather)  # every rank's hostname
+    config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id)
+    config.baseline_run_id = baseline
+    tracker = open_job_tracker(config,
                                world, gather=backend.gather, broadcast_object=backend.broadcast_object)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
@@ -87,7 +88,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     try:
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
                                                     "hvdkit.batch_size": str(recipe.batch_size)})
-        progress = rank_zero(backend.rank, _progress_bar, default=None) if recipe.log.progress else None
+        progress = rank_zero(backend.rank, lambda: _progress_bar) if recipe.log.progress else None
         if getattr(recipe, "keras_fit", False) and recipe.framework == "tensorflow":
             summary = backend.fit(recipe, tracker)
         else:

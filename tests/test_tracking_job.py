@@ -13,7 +13,17 @@ import pytest
 from mlflow import MlflowClient
 
 from hvdkit.errors import TrackingError, UsageError
-from hvdkit.tracking import NullJobTracker, TrackingConfig, World, flatten_params, keys, open_job_tracker
+from hvdkit.tracking import (
+    NullJobTracker,
+    TrackingConfig,
+    World,
+    flatten_params,
+    keys,
+    open_job_tracker,
+    rank_zero,
+    rank_zero_only,
+    run_throughput,
+)
 
 try:
     from test_tracking_support import FakeWorld, finish_all, job_runs, sqlite_store, start_all, step_all, step_values
@@ -249,3 +259,53 @@ def test_import_pulls_in_no_framework():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_scaling_efficiency_against_the_np1_baseline(store, tmp_path, capsys):
+    uri, client = store
+    tags = {keys.TAG_RECIPE: "mnist", keys.TAG_FRAMEWORK: "torch", keys.TAG_BATCH_SIZE: "32"}
+    two = FakeWorld(2).trackers(_config(uri, tmp_path))
+    _run_job(two, steps=15, tags=tags)  # no np=1 run yet
+    assert "no np=1 baseline: scaling_efficiency not logged" in capsys.readouterr().err
+    assert keys.SCALING_EFFICIENCY not in client.get_run(two[0].run_id).data.metrics
+
+    one = FakeWorld(1).trackers(_config(uri, tmp_path))
+    _run_job(one, steps=15, tags=tags)
+    assert keys.SCALING_EFFICIENCY not in client.get_run(one[0].run_id).data.metrics  # np=1: nothing to compare
+
+    two = FakeWorld(2).trackers(_config(uri, tmp_path))
+    _run_job(two, steps=15, tags=tags)
+    parent = client.get_run(two[0].run_id)
+    t1 = run_throughput(client, one[0].run_id)
+    t2 = run_throughput(client, two[0].run_id)
+    assert math.isclose(parent.data.metrics[keys.SCALING_EFFICIENCY], t2 / (2 * t1))
+    assert parent.data.tags[keys.TAG_BASELINE_RUN_ID] == one[0].run_id
+
+    bad = FakeWorld(2).trackers(_config(uri, tmp_path, baseline_run_id="0" * 32))
+    for t in bad:  # every rank fails the same way, none waits on a collective
+        with pytest.raises(TrackingError, match="unknown --baseline run ID"):
+            t.start({}, tags)
+    assert len(job_runs(client)) == 3 + 2 + 3  # the failed launch created no run
+
+
+def test_world_from_horovod_env(monkeypatch):
+    for var in ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOROVOD_RANK", "1")
+    monkeypatch.setenv("HOROVOD_SIZE", "2")
+    monkeypatch.setenv("HOROVOD_LOCAL_RANK", "1")
+    monkeypatch.setenv("HOROVOD_LOCAL_SIZE", "2")
+    monkeypatch.setenv("HOROVOD_HOSTNAME", "node-b")
+    other = np.zeros(64, dtype=np.uint8)
+    other[:6] = np.frombuffer(b"node-a", dtype=np.uint8)
+    w = World.from_horovod_env(1, 2, lambda buf: np.stack([other, buf]))  # an allgather
+    assert (w.local_rank, w.local_size, w.hostnames) == (1, 2, ["node-a", "node-b"])
+    w = World.from_horovod_env(1, 2, lambda obj: other)  # a broadcast: only rank 0's name
+    assert w.hostnames == []
+
+
+def test_rank_zero_helpers():
+    assert rank_zero(0, lambda a, b=0: a + b, 1, b=2, default="no") == 3
+    assert rank_zero(1, lambda: 1 / 0, default="no") == "no"
+    assert rank_zero_only(0)(lambda: 5)() == 5
+    assert rank_zero_only(3)(lambda: 5)() is None

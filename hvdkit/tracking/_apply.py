@@ -30,6 +30,7 @@ from mlflow.utils.validation import (
 
 from hvdkit.tracking import keys
 from hvdkit.tracking._spool import Event, Spool, TargetState
+from hvdkit.tracking._sqlfast import SqliteBulkMetrics
 
 log = logging.getLogger("hvdkit.tracking")
 
@@ -103,6 +104,7 @@ class Applier:
         client: MlflowClient | None = None,
         workers: int = 1,
         on_run_created: Callable[[str, str], None] | None = None,
+        fast_sqlite: bool = True,
     ) -> None:
         self.spool = spool
         self.target_uri = target_uri
@@ -113,6 +115,8 @@ class Applier:
         self.stats = ApplyStats()
         self._on_run_created = on_run_created
         self._warned: set[str] = set()
+        self._bulk: SqliteBulkMetrics | None = None
+        self._bulk_checked = not fast_sqlite
 
     @property
     def client(self) -> MlflowClient:
@@ -151,25 +155,29 @@ class Applier:
             # Recorded before calling the store: after a crash, these refs are searched by tag.
             self.state.creating.extend(new_intents)
             self._save()
+        # Creates first (in order: a child needs its parent's id), then every run's metrics,
+        # params and tags merged, then end_run / log_artifact in order. Moving the latter after
+        # the metrics changes nothing in the end state (MLflow accepts metrics on an ended run,
+        # and order between runs is irrelevant), and it lets a whole window's metrics merge.
         pending: dict[str, _Pending] = {}
+        later: list[Event] = []
         for ev in events:
-            op, ref = ev["op"], ev["ref"]
+            op = ev["op"]
             if op == "create_run":
                 self._create_run(ev)
             elif op == "log_batch":
-                pending.setdefault(ref, _Pending()).add(ev)
+                pending.setdefault(ev["ref"], _Pending()).add(ev)
             else:
-                # Per-run order matters (metrics before the run ends, before/after an artifact);
-                # order across runs does not, which is what lets batches merge.
-                if ref in pending:
-                    self._flush(ref, pending.pop(ref))
-                if op == "end_run":
-                    self._call(ref, "end_run", lambda rid: self.client.set_terminated(rid, ev["status"], ev["end_time"]))
-                elif op == "log_artifact":
-                    self._log_artifact(ref, ev)
-                else:
-                    self._drop("unknown-op", f"unknown spool event {op!r} skipped")
+                later.append(ev)
         self._flush_all(pending)
+        for ev in later:
+            op, ref = ev["op"], ev["ref"]
+            if op == "end_run":
+                self._call(ref, "end_run", lambda rid: self.client.set_terminated(rid, ev["status"], ev["end_time"]))
+            elif op == "log_artifact":
+                self._log_artifact(ref, ev)
+            else:
+                self._drop("unknown-op", f"unknown spool event {op!r} skipped")
 
     # -- operations -----------------------------------------------------------------------
     def _guard(self, what: str, fn: Callable[[], object]) -> bool:
@@ -179,7 +187,7 @@ class Applier:
             return True
         except Exception as exc:  # the store's failures come in many types (requests, sqlalchemy...)
             if is_permanent(exc):
-                self._drop(what, f"MLflow rejected {what}: {exc}")
+                self._drop(what.split()[0], f"MLflow rejected {what}: {exc}")
                 return False
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -274,9 +282,48 @@ class Applier:
             for item in tags:
                 self._guard(f"tag {item.key} of {ref}", lambda item=item: self.client.log_batch(run_id, tags=[item]))
 
+    def _bulk_metrics(self, pending: dict[str, _Pending]) -> None:
+        """sqlite: all runs' metrics in one transaction (see _sqlfast); the params and tags left
+        in ``pending`` go through log_batch as usual."""
+        assert self._bulk is not None
+        rows = []
+        refs = []
+        for ref, p in pending.items():
+            run_id = self.state.runs.get(ref)
+            if run_id is None or not p.metrics:
+                continue
+            refs.append(ref)
+            rows.extend((run_id, m.key, m.value, m.timestamp, m.step) for m in p.metrics)
+        if not rows:
+            return
+        try:
+            inactive = self._bulk.log(rows)
+        except MlflowException as exc:
+            if exc.error_code == "TEMPORARILY_UNAVAILABLE":  # "database is locked": retry later
+                raise StoreUnavailable(str(exc)) from exc
+            log.warning("bulk sqlite metric insert failed (%s); using MLflow's log_batch from now on", exc)
+            self._bulk = None
+            return
+        except Exception as exc:  # noqa: BLE001 - an MLflow internal that changed
+            log.warning("bulk sqlite metric insert failed (%s); using MLflow's log_batch from now on", exc)
+            self._bulk = None
+            return
+        for ref in refs:
+            pending[ref].metrics = []
+        if inactive:
+            self._drop("inactive-run", f"metrics for deleted run(s) {sorted(inactive)[:3]} skipped")
+
     def _flush_all(self, pending: dict[str, _Pending]) -> None:
         if not pending:
             return
+        if self._bulk is None and not self._bulk_checked:
+            self._bulk_checked = True
+            self._bulk = SqliteBulkMetrics.for_client(self.client)
+        if self._bulk is not None:
+            self._bulk_metrics(pending)
+            pending = {ref: p for ref, p in pending.items() if p.metrics or p.params or p.tags}
+            if not pending:
+                return
         if self.workers == 1 or len(pending) == 1:
             for ref, p in pending.items():
                 self._flush(ref, p)

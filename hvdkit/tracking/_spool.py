@@ -228,3 +228,7 @@ class Spool:
     def remove(self) -> None:
         self.unlock()
         shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.dir.parent.rmdir()  # the root too, once no job's spool is left in it
+        except OSError:
+            pass

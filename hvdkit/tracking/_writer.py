@@ -55,7 +55,9 @@ class SpoolWriter:
         self._spooled = 0
         self._applied = 0
         self._failures = 0
+        self._healthy = True  # the last store attempt worked (or none was made yet)
         self._spool_done = False
+        self._spool_failed = False
         self._closing = False
         self._abandon = False
         self._closed: CloseReport | None = None
@@ -69,9 +71,16 @@ class SpoolWriter:
         self._apply_thread.start()
 
     # -- training-thread side -------------------------------------------------------------
-    def submit(self, event: Event) -> None:
+    def submit(self, event: Event | object) -> None:
+        """Queue an event dict, or an object whose ``events()`` returns event dicts (expanded on
+        the spool thread). Never blocks."""
         if not self._closing:
             self._queue.put_nowait(event)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the store answered the last time the writer tried it."""
+        return self._healthy
 
     def wait_for_run(self, ref: str, timeout: float) -> str | None:
         """The run id of ``ref`` once created; None if the store failed first or on timeout."""
@@ -103,21 +112,28 @@ class SpoolWriter:
                 self._cond.wait(left)
             self._abandon = True
             self._cond.notify_all()
-        # The apply thread may be inside a store call that outlives our deadline; it is a daemon
-        # and its state writes are atomic, so leaving it is safe.
-        self._apply_thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        # Usually quick (it returns on _abandon); it may also be inside a store call that outlives
+        # our deadline. It is a daemon and applying is idempotent, so we do not wait on it.
+        self._apply_thread.join(1.0)
         report = CloseReport(self._spooled, self._applied, str(self.spool.dir), self._applier.stats.dropped)
-        if report.pending == 0 and not self._apply_thread.is_alive():
-            if self.keep_spool:
-                self.spool.unlock()
-            else:
-                self.spool.remove()  # fully applied: the spool was only a buffer
-        else:
+        if self._spool_failed:
+            lost = max(0, self._queue.qsize() - 1)  # minus the stop marker
             print(
-                f"{report.pending} events spooled in {self.spool.dir}; replay with: hvdkit sync {self.spool.dir}",
+                f"hvdkit tracking: writing the spool {self.spool.dir} failed; "
+                f"{lost} later events were lost (see the error above)",
                 file=sys.stderr,
                 flush=True,
             )
+        if report.pending == 0 and not self.keep_spool and not self._spool_failed:
+            self.spool.remove()  # fully applied: the spool was only a buffer
+        else:
+            self.spool.unlock()  # ours no more: free for hvdkit sync
+            if report.pending:
+                print(
+                    f"{report.pending} events spooled in {self.spool.dir}; replay with: hvdkit sync {self.spool.dir}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self._closed = report
         return report
 
@@ -138,10 +154,18 @@ class SpoolWriter:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                if batch[-1] is _STOP:
-                    batch.pop()
-                    stop = True
-                lines = [self.spool.encode(ev) for ev in batch]  # type: ignore[arg-type]
+                lines = []
+                for item in batch:
+                    if item is _STOP:
+                        stop = True
+                        continue
+                    # dict: one event; otherwise a deferred group (e.g. all child runs' metrics of
+                    # one gather) that costs the training thread nothing but a put.
+                    for ev in (item,) if isinstance(item, dict) else item.events():  # type: ignore[attr-defined]
+                        try:
+                            lines.append(self.spool.encode(ev))
+                        except (TypeError, ValueError) as exc:  # one bad value must not stop the spool
+                            log.warning("hvdkit tracking: event not spooled (%s): %.200r", exc, ev)
                 if lines:
                     f.write("".join(lines))
                     f.flush()
@@ -150,8 +174,9 @@ class SpoolWriter:
                 with self._cond:
                     self._spooled += len(lines)
                     self._cond.notify_all()
-        except Exception:  # never into training; the close line will show what was not spooled
+        except Exception:  # never into training; close() reports what was not spooled
             log.exception("hvdkit tracking: writing the spool %s failed", self.spool.events_path)
+            self._spool_failed = True
         finally:
             f.close()
             with self._cond:
@@ -173,6 +198,7 @@ class SpoolWriter:
             try:
                 n = self._applier.apply_next()
             except StoreUnavailable as exc:
+                self._healthy = False
                 backoff = min(_BACKOFF_MAX_S, backoff * 2) if backoff else _BACKOFF_START_S
                 with self._cond:
                     self._failures += 1
@@ -194,6 +220,7 @@ class SpoolWriter:
                     self._cond.notify_all()
                 return
             backoff = 0.0
+            self._healthy = True
             with self._cond:
                 self._applied += n
                 self._cond.notify_all()

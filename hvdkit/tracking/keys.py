@@ -76,6 +76,7 @@ TAG_WORLD_SIZE = "hvdkit.world_size"
 TAG_JOB_ID = "hvdkit.job_id"
 TAG_SPOOL_REF = "hvdkit.spool_ref"  # "<job_id>/<ref>": finds a run created before a crash lost its id
 TAG_RANK_SAMPLING = "hvdkit.rank_sampling"  # k when only every k-th rank has a child run
+TAG_BASELINE_RUN_ID = "hvdkit.baseline_run_id"  # the np=1 run scaling_efficiency divides by
 
 ROLE_PARENT = "parent"
 ROLE_RANK = "rank"
@@ -109,6 +110,7 @@ __all__ = [
     "SCALING_EFFICIENCY",
     "STEP_TIME_S",
     "STRAGGLER_RATIO",
+    "TAG_BASELINE_RUN_ID",
     "TAG_BATCH_SIZE",
     "TAG_FRAMEWORK",
     "TAG_HOST",

@@ -1,0 +1,607 @@
+"""The job tracker: what the framework trainers call, on every rank.
+
+Layout in MLflow: one parent run per job (``hvdkit.role=parent``) holding params and the job
+keys, and one child run per rank (``rank-<r>``, nested through ``mlflow.parentRunId``) holding
+the per-rank keys. Only rank 0 writes; it learns every rank's numbers from a gather every
+``log_every`` steps, so the other ranks never touch the store and the store sees one client.
+
+Hot path: ``record_step`` adds six numbers to running sums. Once per interval every rank
+builds a 6-float vector and joins the gather (a collective: every rank calls it at the same
+steps, which holds because steps are counted identically everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hvdkit.errors import TrackingError, UsageError
+from hvdkit.tracking import keys
+from hvdkit.tracking._rank import NullWriter, rank_zero, rank_zero_only
+from hvdkit.tracking._spool import Spool, now_ms
+from hvdkit.tracking._uri import absolute_uri, resolve_tracking_uri
+from hvdkit.tracking._validate import check_metric_name, check_metric_value, clean_tags, flatten_params
+from hvdkit.tracking._writer import CloseReport, SpoolWriter
+
+log = logging.getLogger("hvdkit.tracking")
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+_HOSTNAME_BYTES = 64
+_NCOLS = len(keys.RANK_VECTOR)
+_SPS, _STEP, _DATA, _COMM, _LOSS, _RSS = range(_NCOLS)
+# Identity tags copied from the parent to each child, so child runs can be filtered alone.
+_INHERITED_TAGS = (
+    keys.TAG_RECIPE,
+    keys.TAG_FRAMEWORK,
+    keys.TAG_BATCH_SIZE,
+    keys.TAG_HOST_TYPE,
+    keys.TAG_WORLD_SIZE,
+    keys.TAG_JOB_ID,
+)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "hvdkit"
+    run_name: str | None = None
+    log_every: int = 10  # steps between gathers
+    # False: no child runs; k: a child run for every k-th rank only (parent keys still use all ranks)
+    per_rank_runs: bool | int = True
+    spool_dir: str | None = None  # root of the spools; default ./hvdkit-spool
+    parent_run_id: str | None = None  # nest the job under a sweep run
+    keep_spool: bool = False  # keep the spool even when fully applied
+    start_timeout_s: float = 30.0  # how long start() waits for the parent run id before spooling blind
+    close_timeout_s: float = 30.0  # how long finish() lets the store catch up before leaving a spool
+    # Scaling efficiency, logged by finish(FINISHED) on jobs of more than one rank: against this
+    # run (checked by start(): it must exist and be of the same recipe), else the latest matching
+    # np=1 run of the experiment (see efficiency.find_baseline).
+    baseline_run_id: str | None = None
+    log_efficiency: bool = True
+
+
+@dataclass
+class World:
+    """The Horovod world as the framework layer sees it (filled from ``hvd``)."""
+
+    rank: int
+    size: int
+    local_rank: int = 0
+    local_size: int = 1
+    hostnames: list[str] = field(default_factory=list)  # per rank, index = rank
+
+    @classmethod
+    def from_horovod_env(cls, rank: int, size: int, exchange: Callable[[Any], Any] | None = None) -> "World":
+        """Local rank/size from the launcher's environment (horovodrun/gloo or mpirun), and every
+        rank's hostname through ``exchange``, a collective that every rank must call:
+
+        * an allgather (e.g. the tracker's ``gather``) returning ``[size, n]``: the hostnames
+          travel as fixed-width bytes, so the numeric gather the tracker uses anyway suffices;
+        * anything else (a broadcast) tells only rank 0's name: ``hostnames`` is left empty.
+        """
+        from hvdkit.tracking import context
+
+        env = os.environ
+        launch = context._launch()
+        local_rank, local_size = 0, 1
+        if launch is not None:
+            _, (_, _, lr_var, ls_var) = launch
+            local_rank = int(env.get(lr_var, "0") or 0)
+            local_size = int(env.get(ls_var, "1") or 1)
+        hostnames: list[str] = []
+        if exchange is not None:
+            me = (env.get("HOROVOD_HOSTNAME") or socket.gethostname()).encode()[:_HOSTNAME_BYTES]
+            buf = np.zeros(_HOSTNAME_BYTES, dtype=np.uint8)
+            buf[: len(me)] = np.frombuffer(me, dtype=np.uint8)
+            got = np.asarray(exchange(buf))
+            if got.ndim == 2 and got.shape == (size, _HOSTNAME_BYTES):
+                hostnames = [bytes(row.astype(np.uint8)).rstrip(b"\0").decode(errors="replace") for row in got]
+        return cls(rank=rank, size=size, local_rank=local_rank, local_size=local_size, hostnames=hostnames)
+
+
+def _sampling(per_rank_runs: bool | int) -> int:
+    """Every how many ranks a child run is made; 0 for none."""
+    if per_rank_runs is True:
+        return 1
+    if per_rank_runs is False:
+        return 0
+    if isinstance(per_rank_runs, int) and per_rank_runs >= 1:
+        return per_rank_runs
+    raise UsageError(
+        f"tracking per_rank_runs={per_rank_runs!r} is not true, false or a positive int",
+        fix="use true (a run per rank), false (none) or k >= 1 (every k-th rank)",
+    )
+
+
+def _validate(config: TrackingConfig, world: World) -> None:
+    if not isinstance(config.log_every, int) or config.log_every < 1:
+        raise UsageError(f"tracking log_every={config.log_every!r} must be an int >= 1", fix="e.g. log_every: 10")
+    _sampling(config.per_rank_runs)
+    if world.size < 1 or not 0 <= world.rank < world.size:
+        raise UsageError(f"rank {world.rank} of size {world.size} is not a valid world", fix="fill World from hvd")
+    if world.hostnames and len(world.hostnames) != world.size:
+        raise UsageError(
+            f"World.hostnames has {len(world.hostnames)} entries for {world.size} ranks",
+            fix="gather one hostname per rank",
+        )
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name
+
+    try:
+        _validate_experiment_name(config.experiment)
+    except MlflowException as exc:
+        raise TrackingError(f"experiment name {config.experiment!r}: {exc.message}", fix="pick another name") from None
+
+
+def _new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def _context_tags() -> dict[str, str]:
+    # The tags mlflow.start_run would add (user, source, git commit, our Horovod provider...).
+    # Never worth failing a job over.
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {k: str(v) for k, v in resolve_tags().items()}
+    except Exception:  # noqa: BLE001 - any provider may fail in odd environments
+        return {}
+
+
+def _local_ranks(hostnames: list[str]) -> list[int]:
+    # Horovod numbers local ranks in rank order within a host.
+    seen: dict[str, int] = {}
+    out = []
+    for h in hostnames:
+        out.append(seen.get(h, 0))
+        seen[h] = out[-1] + 1
+    return out
+
+
+class _ChildRows:
+    """The child runs' metrics of one gather, turned into ``log_batch`` events off the training
+    thread (see SpoolWriter: any queued object with ``events()`` is expanded there)."""
+
+    __slots__ = ("rows", "ranks", "ts", "step")
+
+    def __init__(self, rows: np.ndarray, ranks: list[int], ts: int, step: int) -> None:
+        self.rows = rows  # fancy-indexed from the gathered table: a copy, safe to keep
+        self.ranks = ranks
+        self.ts = ts
+        self.step = step
+
+    def events(self) -> list[dict]:
+        names, ts, step = keys.RANK_VECTOR, self.ts, self.step
+        return [
+            {"op": "log_batch", "ref": f"rank{r}", "metrics": [[k, v, ts, step] for k, v in zip(names, row)]}
+            for r, row in zip(self.ranks, self.rows.tolist())
+        ]
+
+
+class JobTracker:
+    """One job's tracking, on one rank. Every rank makes the same calls in the same order."""
+
+    def __init__(
+        self,
+        config: TrackingConfig,
+        world: World,
+        gather: Callable[[np.ndarray], Any],
+        broadcast_object: Callable[[object], object],
+        writer: SpoolWriter | NullWriter,
+        job_id: str | None,
+    ) -> None:
+        self.config = config
+        self.world = world
+        self.run_id: str | None = None
+        self.job_id = job_id
+        self.close_report: CloseReport | None = None
+        self._gather_fn = gather
+        self._broadcast = broadcast_object
+        self._writer = writer
+        self._log_every = config.log_every
+        self._sampling = _sampling(config.per_rank_runs)
+        self._children = list(range(0, world.size, self._sampling)) if self._sampling else []
+        self._emit = rank_zero_only(world.rank)(self._emit_gather)
+        self._started = False
+        self._finished = False
+        self._proc: Any = None
+        self._history: list[float] = []  # parent samples_per_sec per gather (rank 0)
+        self._nonfinite = 0
+        self._baseline: Any = None  # efficiency.Baseline checked by start()
+        self._parent_tags: dict[str, str] = {}
+        self._reset()
+        self._last_step = 0
+
+    @property
+    def spool_dir(self) -> str | None:
+        spool = getattr(self._writer, "spool", None)
+        return str(spool.dir) if spool is not None else None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
+        """Create the runs (rank 0) and share the parent run id. A collective (one broadcast)."""
+        if self._started:
+            raise UsageError("JobTracker.start() called twice", fix="call start() once per job")
+        # Checked on every rank, so a bad name fails everywhere instead of hanging the broadcast.
+        flat = flatten_params(params)
+        user_tags = clean_tags(tags)
+        run_id = error = None
+        if self.world.rank == 0:
+            try:
+                self._check_baseline(user_tags)
+                run_id = self._create_runs(flat, user_tags)
+            except TrackingError as exc:
+                error = exc.one_line()  # shared below, so every rank raises, none hangs
+        shared = self._broadcast({"run_id": run_id, "job_id": self.job_id, "error": error})
+        if isinstance(shared, Mapping):
+            self.run_id = shared.get("run_id")
+            self.job_id = shared.get("job_id")
+            error = shared.get("error")
+        if error:
+            self._finished = True
+            self._writer.close(0)
+            raise TrackingError(error)
+        self._started = True
+
+    def _client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=resolve_tracking_uri(self.config.tracking_uri))
+
+    def _check_baseline(self, user_tags: Mapping[str, str]) -> None:
+        """An explicit baseline is checked before anything is created: a typo must fail the
+        launch, not surface after hours of training."""
+        cfg = self.config
+        if not (cfg.baseline_run_id and cfg.log_efficiency):
+            return
+        from mlflow.exceptions import MlflowException
+
+        from hvdkit.tracking.efficiency import find_baseline
+
+        recipe = user_tags.get(keys.TAG_RECIPE, "")
+        try:
+            self._baseline = find_baseline(self._client(), "", recipe, "", "", "", run_id=cfg.baseline_run_id)
+        except MlflowException as exc:  # store unreachable: the job still runs (and spools)
+            log.warning("cannot check --baseline %s now (%s); scaling_efficiency will not be logged", cfg.baseline_run_id, exc)
+
+    def _log_efficiency(self) -> None:
+        """Rank 0, at a FINISHED end: scaling_efficiency = T_N / (N * T_1) on the parent."""
+        cfg, n = self.config, self.world.size
+        if not cfg.log_efficiency or (n == 1 and not cfg.baseline_run_id):
+            return
+        from hvdkit.tracking.efficiency import find_baseline, scaling_efficiency
+
+        t_n = self.throughput()
+        base = self._baseline
+        if t_n is None:
+            return
+        if base is None and not cfg.baseline_run_id:
+            if not self._writer.healthy:
+                # A lookup would wait on the same dead store (MLflow retries for minutes).
+                print("MLflow store unreachable: scaling_efficiency not logged", file=sys.stderr, flush=True)
+                return
+            t = self._parent_tags
+            try:
+                client = self._client()
+                exp = client.get_experiment_by_name(cfg.experiment)
+                if exp is not None:
+                    base = find_baseline(
+                        client,
+                        exp.experiment_id,
+                        t.get(keys.TAG_RECIPE, ""),
+                        t.get(keys.TAG_FRAMEWORK, ""),
+                        t.get(keys.TAG_BATCH_SIZE, ""),
+                        t.get(keys.TAG_HOST_TYPE, ""),
+                    )
+            except Exception as exc:  # noqa: BLE001 - a lookup failure must not fail a finished job
+                log.warning("np=1 baseline lookup failed (%s): scaling_efficiency not logged", exc)
+                return
+        if base is None:
+            if not cfg.baseline_run_id:
+                print("no np=1 baseline: scaling_efficiency not logged", file=sys.stderr, flush=True)
+            return
+        eff = scaling_efficiency(t_n, n, base.samples_per_sec)
+        self._writer.submit(
+            {
+                "op": "log_batch",
+                "ref": "parent",
+                "metrics": [[keys.SCALING_EFFICIENCY, eff, now_ms(), self._last_step]],
+                "tags": {keys.TAG_BASELINE_RUN_ID: base.run_id},
+            }
+        )
+
+    def _create_runs(self, params: dict[str, str], user_tags: dict[str, str]) -> str | None:
+        from hvdkit.tracking.efficiency import host_type
+
+        cfg, world = self.config, self.world
+        ts = now_ms()
+        hosts = world.hostnames or [""] * world.size
+        tags = _context_tags()
+        # Our provider's per-process tags describe rank 0, not the job; the job's are below.
+        tags.pop("horovod.rank", None)
+        tags.pop("horovod.hostname", None)
+        tags.update(
+            {
+                keys.TAG_WORLD_SIZE: str(world.size),
+                keys.TAG_HOST_TYPE: host_type(),
+                keys.TAG_JOB_ID: str(self.job_id),
+            }
+        )
+        if world.hostnames:
+            tags[keys.TAG_HOSTS] = ",".join(dict.fromkeys(world.hostnames))
+        if self._sampling > 1:
+            tags[keys.TAG_RANK_SAMPLING] = str(self._sampling)
+        tags.update(user_tags)
+        tags[keys.TAG_ROLE] = keys.ROLE_PARENT  # the role is ours, whatever the caller passed
+        tags = clean_tags(tags)
+        self._parent_tags = tags
+        submit = self._writer.submit
+        submit(
+            {
+                "op": "create_run",
+                "ref": "parent",
+                "parent_ref": None,
+                "parent_run_id": cfg.parent_run_id,
+                "experiment": cfg.experiment,
+                "run_name": cfg.run_name or f"{tags.get(keys.TAG_RECIPE, 'hvdkit')}-np{world.size}",
+                "tags": tags,
+                "start_time": ts,
+            }
+        )
+        if params:
+            submit({"op": "log_batch", "ref": "parent", "metrics": [], "params": params, "tags": {}})
+        inherited = {k: tags[k] for k in _INHERITED_TAGS if k in tags}
+        local = _local_ranks(hosts)
+        for r in self._children:
+            child = dict(inherited)
+            child.update(
+                {
+                    keys.TAG_ROLE: keys.ROLE_RANK,
+                    keys.TAG_RANK: str(r),
+                    keys.TAG_LOCAL_RANK: str(local[r]),
+                }
+            )
+            if hosts[r]:
+                child[keys.TAG_HOST] = hosts[r]
+            submit(
+                {
+                    "op": "create_run",
+                    "ref": f"rank{r}",
+                    "parent_ref": "parent",
+                    "parent_run_id": None,
+                    "experiment": cfg.experiment,
+                    "run_name": f"rank-{r}",
+                    "tags": child,
+                    "start_time": ts,
+                }
+            )
+        return self._writer.wait_for_run("parent", cfg.start_timeout_s)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Flush the last partial interval, end every run with ``status``, flush the writer.
+
+        With FINISHED the flush is a gather (a collective, like every interval). With FAILED or
+        KILLED it is skipped: the job is going down, a peer may already be gone, and a collective
+        would hang the ranks still alive. Idempotent.
+        """
+        if status not in STATUSES:
+            raise UsageError(f"run status {status!r} is not one of {', '.join(STATUSES)}", fix="pass FINISHED, FAILED or KILLED")
+        if self._finished:
+            return
+        if status == "FINISHED" and self._started and self._n:
+            self._gather(self._last_step)
+        self._finished = True
+        if self.world.rank != 0:
+            return
+        if self._started and status == "FINISHED":
+            self._log_efficiency()
+        if self._started:
+            end = now_ms()
+            for r in self._children:
+                self._writer.submit({"op": "end_run", "ref": f"rank{r}", "status": status, "end_time": end})
+            self._writer.submit({"op": "end_run", "ref": "parent", "status": status, "end_time": end})
+        self.close_report = self._writer.close(self.config.close_timeout_s)
+
+    def __enter__(self) -> "JobTracker":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    # -- per step -------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._n = 0
+        self._samples = 0
+        self._step_t = 0.0
+        self._data_t = 0.0
+        self._comm_t = 0.0
+        self._loss = 0.0
+
+    def record_step(
+        self,
+        step: int,
+        *,
+        samples: int,
+        step_time_s: float,
+        data_time_s: float,
+        comm_wait_s: float,
+        loss: float,
+    ) -> None:
+        """Account one training step (Python numbers: a framework tensor here would sync the
+        device and keep a graph alive). Every ``log_every`` steps: gather, on every rank."""
+        self._n += 1
+        self._samples += samples
+        self._step_t += step_time_s
+        self._data_t += data_time_s
+        self._comm_t += comm_wait_s
+        self._loss += loss
+        self._last_step = step
+        if step % self._log_every == 0:
+            self._gather(step)
+
+    def _rss_mb(self) -> float:
+        if self._proc is None:
+            import psutil
+
+            self._proc = psutil.Process(os.getpid())
+        return self._proc.memory_info().rss / 1048576.0
+
+    def _gather(self, step: int) -> None:
+        if not self._started or self._finished:
+            raise UsageError(
+                "JobTracker.record_step() outside start() ... finish()", fix="call start() before training, finish() after"
+            )
+        n = self._n or 1
+        span = self._step_t + self._data_t
+        vec = np.empty(_NCOLS, dtype=np.float64)
+        vec[_SPS] = self._samples / span if span > 0 else math.nan
+        vec[_STEP] = self._step_t / n
+        vec[_DATA] = self._data_t / n
+        vec[_COMM] = self._comm_t / n
+        vec[_LOSS] = self._loss / n
+        vec[_RSS] = self._rss_mb()
+        self._reset()
+        table = np.asarray(self._gather_fn(vec), dtype=np.float64).reshape(self.world.size, _NCOLS)
+        self._emit(step, table)
+
+    def _emit_gather(self, step: int, table: np.ndarray) -> None:
+        ts = now_ms()
+        submit = self._writer.submit
+        if not np.isfinite(table).all():
+            self._report_nonfinite(step, table)
+        if self._children:
+            # One queue item for all children, expanded into per-run events on the spool thread:
+            # with 512 ranks, building 512 events here would cost rank 0 (and, through the next
+            # collective, every rank) milliseconds per interval.
+            submit(_ChildRows(table[self._children], self._children, ts, step))
+        sps = table[:, _SPS].tolist()
+        step_times = table[:, _STEP]
+        # fsum: the exact sum of the values the children store, whatever order one adds them in.
+        total = math.fsum(sps)
+        metrics = [
+            [keys.SAMPLES_PER_SEC, total, ts, step],
+            [keys.LOSS, math.fsum(table[:, _LOSS].tolist()) / self.world.size, ts, step],
+            [keys.WORLD_SIZE, float(self.world.size), ts, step],
+        ]
+        median = float(np.median(step_times))
+        if median > 0 and math.isfinite(median):
+            metrics.append([keys.STRAGGLER_RATIO, float(step_times.max()) / median, ts, step])
+        submit({"op": "log_batch", "ref": "parent", "metrics": metrics})
+        self._history.append(total)
+
+    def _report_nonfinite(self, step: int, table: np.ndarray) -> None:
+        # MLflow stores NaN and clamps +-inf, so the values are kept (a diverged loss is worth
+        # seeing); the first occurrence is named so it is not silent.
+        bad = np.argwhere(~np.isfinite(table))
+        if self._nonfinite == 0:
+            r, c = (int(x) for x in bad[0])
+            log.warning(
+                "rank %d reported %s=%s at step %d (kept: MLflow stores NaN/inf); further ones are counted",
+                r,
+                keys.RANK_VECTOR[c],
+                table[r, c],
+                step,
+            )
+        self._nonfinite += len(bad)
+
+    # -- other logging --------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Parent-run metrics already reduced over ranks (val_loss...). Rank 0 writes them."""
+        if not self._started or self._finished:
+            raise UsageError("JobTracker.log_metrics() outside start() ... finish()", fix="log between start() and finish()")
+        rows = [[check_metric_name(k), check_metric_value(k, v), 0, int(step)] for k, v in metrics.items()]
+        if self.world.rank != 0:
+            return
+        ts = now_ms()
+        for row in rows:
+            row[2] = ts
+        self._writer.submit({"op": "log_batch", "ref": "parent", "metrics": rows})
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Attach a file or directory to the parent run; copied into the spool now (rank 0)."""
+        if self.world.rank != 0 or self._finished:
+            return
+        spool = getattr(self._writer, "spool", None)
+        if spool is None:
+            return
+        rel = spool.stage_artifact(path)
+        self._writer.submit({"op": "log_artifact", "ref": "parent", "path": rel, "artifact_path": artifact_path})
+
+    def throughput(self) -> float | None:
+        """This job's T: mean parent samples_per_sec, without the first (warm-up) interval when
+        there are at least two. Known on rank 0 only; None elsewhere or before any gather."""
+        from hvdkit.tracking.efficiency import history_throughput
+
+        return history_throughput(self._history)
+
+
+class NullJobTracker:
+    """Tracking disabled: the same methods, doing nothing, calling no collective."""
+
+    run_id: str | None = None
+    job_id: str | None = None
+    spool_dir: str | None = None
+    close_report: CloseReport | None = None
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
+        pass
+
+    def record_step(self, step: int, **_: float) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def throughput(self) -> float | None:
+        return None
+
+    def __enter__(self) -> "NullJobTracker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def open_job_tracker(
+    config: TrackingConfig,
+    world: World,
+    gather: Callable[[np.ndarray], Any],
+    broadcast_object: Callable[[object], object],
+) -> JobTracker | NullJobTracker:
+    """The tracker for this rank. ``gather(vec)`` must be an allgather returning ``[size, k]``
+    (rank order); ``broadcast_object(obj)`` returns rank 0's ``obj`` on every rank."""
+    if not config.enabled:
+        return NullJobTracker()
+    _validate(config, world)
+    uri = resolve_tracking_uri(config.tracking_uri)
+    job_id = _new_job_id() if world.rank == 0 else None
+
+    def make_writer() -> SpoolWriter:
+        spool = Spool.create(config.spool_dir, job_id or _new_job_id(), absolute_uri(uri))
+        return SpoolWriter(spool, uri, keep_spool=config.keep_spool)
+
+    writer = rank_zero(world.rank, make_writer, default=NullWriter())
+    return JobTracker(config, world, gather, broadcast_object, writer, job_id)
+
+
+__all__ = ["JobTracker", "NullJobTracker", "TrackingConfig", "World", "open_job_tracker"]

@@ -1,0 +1,54 @@
+"""Rank gating in one place (the role of Lightning's ``rank_zero_only``).
+
+Only rank 0 talks to MLflow (and prints summaries); every other rank gets a stand-in with the
+same interface. Callers therefore never branch on the rank nor test for None, and collectives
+(which must run on every rank) stay outside whatever is gated.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rank_zero(rank: int, fn: Callable[..., T], *args: Any, default: T | None = None, **kwargs: Any) -> T | None:
+    """``fn(*args, **kwargs)`` on rank 0; ``default`` elsewhere (pass a no-op object with the
+    same interface, e.g. ``NullWriter()``, to spare callers a None check)."""
+    return fn(*args, **kwargs) if rank == 0 else default
+
+
+def rank_zero_only(rank: int) -> Callable[[F], F]:
+    """Decorator: the function runs on rank 0 and returns None elsewhere."""
+
+    def deco(fn: F) -> F:
+        if rank == 0:
+            return fn
+
+        @functools.wraps(fn)
+        def noop(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        return noop  # type: ignore[return-value]
+
+    return deco
+
+
+class NullWriter:
+    """What non-zero ranks get instead of a SpoolWriter."""
+
+    tracking_uri = ""
+    spool = None
+    healthy = False
+
+    def submit(self, event: object) -> None:
+        pass
+
+    def wait_for_run(self, ref: str, timeout: float) -> None:
+        return None
+
+    def close(self, timeout: float = 0.0) -> None:
+        return None
