@@ -79,7 +79,8 @@ def run_job(tmp_path: Path, recipe: dict, np_: int = 2, tag: str = "run") -> dic
     else:
         cmd = [str(HOROVODRUN), "-np", str(np_), "--gloo", sys.executable, str(script), cfg]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd[:5])} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd[:5])} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(out.read_text())
     assert result["size"] == np_
     assert result["gathered_shape"][0] == np_
@@ -169,3 +170,48 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, keras_fit):
     assert s["checkpoint"].endswith("ckpt-e0004.npz")
     assert second["identical"]
     assert s["val_metrics"]["val_accuracy"] > first["summary"]["val_metrics"]["val_accuracy"] - 0.02
+
+
+PLAIN_FIT = r'''
+import json, sys
+import numpy as np
+import keras, tensorflow as tf
+import horovod.tensorflow as hvd
+import hvdkit.tensorflow as hk
+from hvdkit.core.data import digits
+
+hvd.init()
+keras.utils.set_random_seed(100 + hvd.rank())  # different initial weights on each rank
+data = digits(0.2, 0)
+x, y = data.x_train[hvd.rank()::hvd.size()], data.y_train[hvd.rank()::hvd.size()]
+model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(64, activation="relu"),
+                          keras.layers.Dense(10)])
+opt = hk.DistributedKerasOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), compression="fp16")
+model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              metrics=["accuracy"], jit_compile=False)
+steps = len(x) // 32
+hist = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[
+    hk.BroadcastGlobalVariablesCallback(0), hk.MetricAverageCallback(),
+    hk.LearningRateWarmupCallback(0.05, warmup_epochs=1, steps_per_epoch=steps + (len(x) % 32 > 0))])
+w = np.concatenate([a.ravel() for a in model.get_weights()]).astype(np.float64)
+rows = hvd.allgather(tf.constant(np.array([[w.sum(), (w * w).sum(), hist.history["loss"][-1]]]))).numpy()
+if hvd.rank() == 0:
+    json.dump({"rows": rows.tolist(), "lr": float(opt.learning_rate.numpy()), "loss": hist.history["loss"],
+               "accuracy": hist.history["accuracy"][-1], "iterations": int(opt.iterations.numpy())},
+              open(sys.argv[1], "w"))
+'''
+
+
+def test_public_keras_pieces_in_a_plain_fit(tmp_path):
+    """A user's own model.fit with DistributedKerasOptimizer + the three callbacks."""
+    script, out = tmp_path / "plain_fit.py", tmp_path / "plain.json"
+    script.write_text(PLAIN_FIT)
+    cmd = [str(HOROVODRUN), "-np", "2", "--gloo", sys.executable, str(script), str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    rows = np.array(res["rows"])
+    assert (rows == rows[0]).all()  # broadcast start + averaged steps: same weights; averaged logs
+    assert res["lr"] == pytest.approx(0.1)  # warmed up to base × size
+    assert res["loss"][-1] < res["loss"][0] and res["accuracy"] > 0.9
+    assert res["iterations"] == 3 * 23  # ceil(719 / 32) steps per epoch on each rank

@@ -19,7 +19,8 @@ from hvdkit.recipe import Recipe  # noqa: E402
 
 
 def test_import_is_lazy():
-    code = "import sys, hvdkit.tensorflow as t; print('tensorflow' in sys.modules, 'keras' in sys.modules, callable(t.make_backend))"
+    code = ("import sys, hvdkit.tensorflow as t; "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules, callable(t.make_backend))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True"]
 

@@ -63,7 +63,7 @@ def l2_coefficient(spec) -> float:
     return float(spec.weight_decay) if spec.name in ("sgd", "adam") else 0.0
 
 
-def compression(name: str | Any) -> Any:
+def get_compression(name: str | Any) -> Any:
     """``hvd.Compression`` for a recipe's ``horovod.compression`` ("none" | "fp16"), or pass one through."""
     if not isinstance(name, str):
         return name
@@ -86,11 +86,37 @@ def dense_gradients(grads: Sequence[Any], variables: Sequence[Any]) -> list:
     return out
 
 
-def average_gradients(grads: Sequence[Any], compression_=None) -> list:
+def _in_xla_context() -> bool:
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+    except Exception:  # private TF API: if it moves, let XLA report the problem itself
+        return False
+
+
+def average_gradients(grads: Sequence[Any], compression: Any = None) -> list:
     """g = (1/p) Σ g_i over the ranks: one ``hvd.grouped_allreduce`` for all tensors."""
     if hvd.size() == 1:
         return list(grads)
-    return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=compression_ or hvd.Compression.none)
+    if _in_xla_context():
+        from hvdkit.errors import UsageError
+
+        raise UsageError("Horovod's allreduce cannot run inside an XLA-compiled step (no XLA kernel on CPU)",
+                         fix="compile the model with jit_compile=False")
+    return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=compression or hvd.Compression.none)
+
+
+def tf_variables(variables: Sequence[Any]) -> list:
+    """The ``tf.Variable`` under each Keras 3 variable (Horovod's helpers need ``tf.Variable``)."""
+    return [v.value if isinstance(v, keras.Variable) else v for v in variables]
+
+
+def broadcast_variables(variables: Sequence[Any], root_rank: int = 0) -> None:
+    """Assign ``root_rank``'s values to ``variables`` on every rank (Keras 3 or tf variables)."""
+    if hvd.size() > 1 and len(variables):
+        hvd.broadcast_variables(tf_variables(variables), root_rank=root_rank)
 
 
 class DistributedOptimizer:
@@ -117,12 +143,14 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.compression = _resolve(compression)
+        self.compression = get_compression(compression)
         self.passes = int(backward_passes_per_step)
         self.weight_decay = float(weight_decay)
         self._lr: float | None = None
         self._compute = tf.function(self._compute_gradients, reduce_retracing=True)
-        self._average = tf.function(self._allreduce)
+        # The collective runs eagerly: one HorovodGroupedAllreduce op, measured to return sooner
+        # than the same op wrapped in a tf.function (1.8 vs 3.1 ms for a small MLP at np=2).
+        self._average = self._allreduce
         self._apply = tf.function(self._apply_gradients)
 
     @property
@@ -144,13 +172,15 @@ class DistributedOptimizer:
     def _compute_gradients(self, x, y):
         variables = self.model.trainable_variables
         n = x.shape[0]
-        chunk = -(-n // self.passes) if n is not None else None
+        if n is None or self.passes == 1:  # (an unknown batch size is not cut)
+            parts, divisor = [(x, y)], 1
+        else:
+            chunk = -(-n // self.passes)
+            parts, divisor = [(x[lo : lo + chunk], y[lo : lo + chunk]) for lo in range(0, n, chunk)], self.passes
         total, acc = tf.constant(0.0, tf.float32), None
-        bounds = range(0, n, chunk) if chunk else [0]
-        for lo in bounds:
-            xs, ys = (x[lo : lo + chunk], y[lo : lo + chunk]) if chunk else (x, y)
+        for xs, ys in parts:
             with tf.GradientTape() as tape:
-                loss = self.loss_fn(ys, self.model(xs, training=True)) / self.passes
+                loss = self.loss_fn(ys, self.model(xs, training=True)) / divisor
             grads = dense_gradients(tape.gradient(loss, variables), variables)
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
             total += tf.cast(loss, tf.float32)
@@ -170,12 +200,9 @@ class DistributedOptimizer:
         if lr is not None:
             self.set_learning_rate(lr)
         loss, grads = self._compute(x, y)
+        loss = float(loss)  # the local compute is done before the clock starts
         t0 = time.perf_counter()
         grads = self._average(grads)  # synchronous: returns once every rank contributed
         comm = time.perf_counter() - t0
         self._apply(grads)
-        return float(loss), comm
-
-
-def _resolve(c):
-    return compression(c)
+        return loss, comm

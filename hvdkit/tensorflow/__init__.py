@@ -1,0 +1,39 @@
+"""TensorFlow/Keras 3 layer: the only place (with hvdkit.torch) that imports a framework.
+
+Importing this package is cheap; tensorflow, keras and ``horovod.tensorflow`` load when a backend
+is built or one of the Keras pieces below is first used (``hvdkit.tensorflow.MetricAverageCallback``
+imports them then).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def make_backend(recipe, data, model=None):
+    from hvdkit.tensorflow._backend import TensorFlowBackend
+
+    return TensorFlowBackend(recipe, data, model)
+
+
+# Public names loaded on first use, so `import hvdkit.tensorflow` never imports TensorFlow.
+_LAZY = {
+    "TensorFlowBackend": "hvdkit.tensorflow._backend",
+    "DistributedOptimizer": "hvdkit.tensorflow._optimizer",
+    "DistributedKerasOptimizer": "hvdkit.tensorflow._keras",
+    "BroadcastGlobalVariablesCallback": "hvdkit.tensorflow._keras",
+    "MetricAverageCallback": "hvdkit.tensorflow._keras",
+    "LearningRateWarmupCallback": "hvdkit.tensorflow._keras",
+    "fit_with_horovod": "hvdkit.tensorflow._keras",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["make_backend", *_LAZY]

@@ -1,0 +1,365 @@
+"""``model.fit`` with Horovod on Keras 3: hvdkit's distributed optimizer and callbacks.
+
+Upstream ``horovod.tensorflow.keras`` fails on Keras 3 variables; these are the same pieces
+rewritten on the core collectives that do work:
+
+* :func:`DistributedKerasOptimizer` — a Keras optimizer whose ``apply``/``apply_gradients``
+  averages the gradients over the ranks with one ``hvd.grouped_allreduce`` first. It runs inside
+  Keras' compiled ``train_step`` (TF backend; compile with ``jit_compile=False``).
+* :class:`BroadcastGlobalVariablesCallback` — rank 0's model and optimizer state to every rank
+  before the first step.
+* :class:`MetricAverageCallback` — epoch logs averaged over the ranks.
+* :class:`LearningRateWarmupCallback` — the rate of :class:`hvdkit.core.LRSchedule`
+  (base → base × size, linearly over the warm-up), set before every step.
+* :func:`fit_with_horovod` — the recipe's ``keras_fit`` path: sharded ``tf.data``, the callbacks
+  above, evaluation, checkpoints and resume as in :func:`hvdkit.core.run_training`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from hvdkit._frameworks import require
+from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps
+from hvdkit.errors import RecipeError
+from hvdkit.recipe import Recipe
+
+tf, hvd = require("tensorflow")
+
+import keras  # noqa: E402
+
+from hvdkit.tensorflow._optimizer import (  # noqa: E402
+    average_gradients,
+    broadcast_variables,
+    dense_gradients,
+    get_compression,
+)
+
+
+# -- the optimizer ------------------------------------------------------------------------------
+class _DistributedMixin:
+    """Placed before a Keras optimizer class in the MRO; see :func:`DistributedKerasOptimizer`."""
+
+    _hvd_compression: Any = None
+    _hvd_passes: int = 1
+    _hvd_weight_decay: float = 0.0
+
+    def build(self, variables):
+        super().build(variables)
+        if self._hvd_passes > 1 and not hasattr(self, "_hvd_accumulators"):
+            # Local sums of the k micro-batch gradients, and how many are in them. Optimizer
+            # variables, so checkpoints and broadcasts carry them like the slots.
+            self._hvd_accumulators = [self.add_variable_from_reference(v, name="hvd_accumulator") for v in variables]
+            self._hvd_count = self.add_variable((), dtype="int64", initializer="zeros", name="hvd_count")
+
+    def _hvd_apply_averaged(self, grads, variables):
+        grads = average_gradients(grads, self._hvd_compression)  # the one collective of the step
+        if self._hvd_weight_decay:
+            grads = [g + self._hvd_weight_decay * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+        return super().apply(grads, variables)
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            variables = list(self._trainable_variables)
+        else:
+            variables = list(trainable_variables)
+            if not self.built:
+                self.build(variables)  # outside any tf.cond: variables can be created here
+        grads = dense_gradients(grads, variables)
+        if self._hvd_passes == 1:
+            return self._hvd_apply_averaged(grads, variables)
+        # backward_passes_per_step = k: accumulate locally, allreduce + update on every k-th call.
+        # Every rank counts the same calls, so all take the same branch into the collective.
+        index = {id(a): i for i, a in enumerate(self._trainable_variables)}
+        accs = [self._hvd_accumulators[index[id(v)]] for v in variables]
+        for a, g in zip(accs, grads):
+            a.assign_add(tf.cast(g, a.dtype))
+        self._hvd_count.assign_add(1)
+
+        def update():
+            self._hvd_apply_averaged([tf.convert_to_tensor(a) / self._hvd_passes for a in accs], variables)
+            for a in accs:
+                a.assign(tf.zeros(a.shape, a.dtype))
+            return tf.constant(True)
+
+        tf.cond(tf.equal(self._hvd_count.value % self._hvd_passes, 0), update, lambda: tf.constant(False))
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def DistributedKerasOptimizer(
+    optimizer: keras.optimizers.Optimizer,
+    *,
+    compression: str | Any = "none",
+    backward_passes_per_step: int = 1,
+    weight_decay: float = 0.0,
+) -> keras.optimizers.Optimizer:
+    """A copy of ``optimizer`` (same class and config) that averages gradients over all ranks.
+
+    ``backward_passes_per_step`` = k: each ``apply`` of one micro-batch's gradient adds it to a
+    local accumulator; every k-th call averages the k gradients, allreduces once, and updates.
+    ``weight_decay`` adds torch-style coupled L2 (g + λθ) after averaging (0: none).
+    Compile the model with ``jit_compile=False``: Horovod's ops have no XLA kernels on CPU.
+    """
+    if backward_passes_per_step < 1:
+        raise ValueError("backward_passes_per_step must be >= 1")
+    if isinstance(optimizer, _DistributedMixin):
+        raise ValueError("optimizer is already distributed")
+    base = type(optimizer)
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = _CLASSES[base] = type(f"Distributed{base.__name__}", (_DistributedMixin, base), {"__module__": __name__})
+    dist = cls.from_config(optimizer.get_config())
+    dist._hvd_compression = get_compression(compression)
+    dist._hvd_passes = int(backward_passes_per_step)
+    dist._hvd_weight_decay = float(weight_decay)
+    return dist
+
+
+# -- callbacks ----------------------------------------------------------------------------------
+class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
+    """Make every rank start from ``root_rank``'s model and optimizer state.
+
+    Keras builds the optimizer before ``on_train_begin``, so the broadcast normally happens there,
+    before any step; should the optimizer still be unbuilt, it happens after the first batch.
+    """
+
+    def __init__(self, root_rank: int = 0) -> None:
+        super().__init__()
+        self.root_rank = root_rank
+        self.done = False
+
+    def _broadcast(self) -> None:
+        broadcast_variables(self.model.variables, root_rank=self.root_rank)
+        opt = getattr(self.model, "optimizer", None)
+        if opt is not None and opt.built:
+            broadcast_variables(opt.variables, root_rank=self.root_rank)
+        self.done = True
+
+    def on_train_begin(self, logs=None) -> None:
+        opt = getattr(self.model, "optimizer", None)
+        if opt is None or opt.built:
+            self._broadcast()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        if not self.done:
+            self._broadcast()
+
+
+class MetricAverageCallback(keras.callbacks.Callback):
+    """Replace each epoch-end log value by its average over the ranks (one allreduce)."""
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if logs is None or hvd.size() == 1:
+            return
+        keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float, np.number, np.ndarray, tf.Tensor)))
+        if not keys:
+            return
+        values = np.array([float(logs[k]) for k in keys], dtype=np.float64)
+        averaged = hvd.allreduce(tf.constant(values), op=hvd.Average, name="hvdkit.metric_average").numpy()
+        for k, v in zip(keys, averaged):
+            logs[k] = float(v)
+
+
+class LearningRateWarmupCallback(keras.callbacks.Callback):
+    """Set the optimizer's rate before each step from :class:`hvdkit.core.LRSchedule`.
+
+    The rate rises linearly from ``base_lr`` to ``base_lr × size`` (``rule`` "linear"; "sqrt" and
+    "none" as in the schedule) over ``warmup_epochs`` × ``steps_per_epoch`` optimizer steps.
+    ``steps_per_epoch`` counts optimizer steps; with ``backward_passes_per_step`` = k, Keras runs
+    k batches per step.
+    """
+
+    def __init__(self, base_lr: float, warmup_epochs: float = 0.0, steps_per_epoch: int = 1, *,
+                 size: int | None = None, rule: str = "linear", backward_passes_per_step: int = 1,
+                 verbose: int = 0) -> None:
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.passes = int(backward_passes_per_step)
+        self.schedule = LRSchedule(base_lr, hvd.size() if size is None else size, rule,
+                                   round(warmup_epochs * self.steps_per_epoch))
+        self.verbose = verbose
+        self._epoch = 0
+        self._lr: float | None = None
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        step = self._epoch * self.steps_per_epoch + batch // self.passes
+        lr = self.schedule.at(step)
+        if lr != self._lr:
+            self.model.optimizer.learning_rate.assign(lr)
+            self._lr = lr
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if logs is not None and self._lr is not None:
+            logs["learning_rate"] = float(self._lr)
+        if self.verbose and hvd.rank() == 0 and self._lr is not None:
+            print(f"epoch {epoch + 1}: learning rate {self._lr:.6g}")
+
+
+class _Progress(keras.callbacks.Callback):
+    """hvdkit's per-step bookkeeping for the fit path: tracker steps, step limit, eval, checkpoints."""
+
+    def __init__(self, backend, recipe: Recipe, tracker, policy: CheckpointPolicy, *, epochs: int,
+                 total_steps: int, start_step: int, batch_size: int, passes: int, bar=None) -> None:
+        super().__init__()
+        self.backend, self.recipe, self.tracker, self.policy = backend, recipe, tracker, policy
+        self.epochs, self.total_steps, self.step = epochs, total_steps, start_step
+        self.batch_size, self.passes, self.bar = batch_size, passes, bar
+        self.samples, self.micro, self.step_time, self.loss = 0, 0, 0.0, math.nan
+        self.val_metrics: dict[str, float] = {}
+        self.checkpoint: str | None = None
+        self.epochs_done = self._epoch = 0
+        self.t_start = self.t_end = time.perf_counter()
+
+    def on_train_begin(self, logs=None) -> None:
+        self.t_start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self.step_time += time.perf_counter() - self._t0
+        self.micro += 1
+        if self.micro % self.passes:
+            return
+        self.step += 1
+        self.samples += self.batch_size
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])  # Keras' running mean over the epoch so far
+        if self.tracker is not None:
+            # comm_wait is inside Keras' compiled step and cannot be separated here: reported as 0.
+            self.tracker.record_step(self.step, samples=self.batch_size, step_time_s=self.step_time,
+                                     data_time_s=0.0, comm_wait_s=0.0, loss=self.loss)
+        self.step_time = 0.0
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.step % self.recipe.log.every_steps == 0:
+                self.bar.set_postfix(loss=f"{self.loss:.4f}", epoch=self._epoch + 1)
+        if self.step >= self.total_steps:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if logs is not None and "loss" in logs:
+            self.loss = float(logs["loss"])
+        last = self.epochs - 1
+        if self.recipe.eval.enabled and ((epoch + 1) % self.recipe.eval.every_epochs == 0 or epoch == last
+                                         or self.step >= self.total_steps):
+            self.val_metrics = self.backend.evaluate()  # exact, sample-weighted over all ranks
+            if logs is not None:
+                logs.update(self.val_metrics)
+            if self.tracker is not None:
+                self.tracker.log_metrics(self.val_metrics, self.step)
+        done = self.step >= self.total_steps
+        if self.policy.due(epoch, epoch if done else last) and self.backend.rank == 0:
+            path = self.policy.path_for(epoch)
+            self.backend.save_checkpoint(path, {"epoch": epoch, "step": self.step, "recipe": self.recipe.name})
+            self.checkpoint = str(path)
+        self.epochs_done = epoch + 1
+
+    def on_train_end(self, logs=None) -> None:
+        self.t_end = time.perf_counter()
+
+
+def sharded_dataset(data: ArrayDataset, batches: ShardedBatches, epochs: Sequence[int], batch_size: int,
+                    num_batches: int | None = None, threads: int | None = 1) -> "tf.data.Dataset":
+    """This rank's batches for ``epochs``, in the order :class:`ShardedBatches` gives the custom loop."""
+    idx = np.concatenate([batches.rank_indices(e) for e in epochs]) if len(epochs) else np.empty(0, np.int64)
+    if num_batches is not None:
+        idx = idx[: num_batches * batch_size]
+    x, y = tf.constant(data.x_train), tf.constant(data.y_train)
+    ds = tf.data.Dataset.from_tensor_slices(idx).batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(1)
+    opts = tf.data.Options()
+    if threads:
+        opts.threading.private_threadpool_size = threads
+        opts.threading.max_intra_op_parallelism = 1
+    return ds.with_options(opts)
+
+
+def fit_with_horovod(
+    backend_or_model: Any,
+    recipe: Recipe,
+    data: ArrayDataset,
+    *,
+    tracker: Any = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 0,
+    progress: Callable[[int, int], Any] | None = None,
+) -> Summary:
+    """Train with ``model.fit`` on every rank; the recipe's ``keras_fit`` path.
+
+    ``backend_or_model``: a :class:`TensorFlowBackend` or a Keras model (a backend is built around
+    it). Each rank fits on its :class:`ShardedBatches` shard; gradients are averaged by
+    :func:`DistributedKerasOptimizer`; rank 0's state is broadcast first; the rate follows the
+    recipe's schedule; evaluation, checkpoints (rank 0) and resume behave as in ``run_training``.
+    Returns the same :class:`Summary`.
+    """
+    from hvdkit.tensorflow._backend import TensorFlowBackend
+
+    if isinstance(backend_or_model, TensorFlowBackend):
+        backend = backend_or_model
+    else:
+        backend = TensorFlowBackend(recipe.model_copy(update={"keras_fit": True}), data, backend_or_model)
+    backend.prepare_fit()
+    rank, size = backend.rank, backend.size
+    passes = recipe.horovod.backward_passes_per_step
+    if recipe.batch_size % passes:
+        raise RecipeError(f"batch_size {recipe.batch_size} is not a multiple of backward_passes_per_step {passes}",
+                          fix="with keras_fit each Keras batch is one micro-batch: make batch_size divisible")
+    batches = ShardedBatches(len(data.x_train), recipe.batch_size, rank, size, recipe.seed)
+    epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
+    policy = CheckpointPolicy(recipe.checkpoint.dir, recipe.checkpoint.every_epochs, backend.checkpoint_ext)
+    summary = Summary()
+
+    start_epoch, step = 0, 0
+    latest = policy.latest() if recipe.checkpoint.resume else None
+    resumed = bool(backend.broadcast_object(latest is not None if rank == 0 else None))
+    if resumed:
+        meta = backend.load_checkpoint(latest) if rank == 0 else None
+        meta = backend.broadcast_object(meta)
+        start_epoch, step = meta["epoch"] + 1, meta["step"]
+        summary.resumed_from = str(latest) if rank == 0 else None
+
+    bar = progress(total_steps, step) if progress else None
+    micro_batch = recipe.batch_size // passes
+    ds = sharded_dataset(data, batches, range(start_epoch, epochs), micro_batch,
+                         max(0, total_steps - step) * passes, recipe.threads)
+    tracked = _Progress(backend, recipe, tracker, policy, epochs=epochs, total_steps=total_steps, start_step=step,
+                        batch_size=recipe.batch_size, passes=passes, bar=bar)
+    cbs = [
+        BroadcastGlobalVariablesCallback(0),  # also carries a resumed rank 0's state to every rank
+        LearningRateWarmupCallback(recipe.optimizer.lr, recipe.lr_schedule.warmup_epochs, batches.steps_per_epoch,
+                                   size=size, rule=recipe.lr_schedule.scale, backward_passes_per_step=passes),
+        MetricAverageCallback(),
+        tracked,
+        *callbacks,
+    ]
+    if start_epoch < epochs and step < total_steps:
+        backend.model.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=batches.steps_per_epoch * passes,
+                          callbacks=cbs, shuffle=False, verbose=verbose if rank == 0 else 0)
+    if bar is not None:
+        bar.close()
+
+    elapsed = tracked.t_end - tracked.t_start if tracked.samples else 0.0
+    rate = tracked.samples / elapsed if elapsed > 0 else 0.0
+    loss = tracked.loss
+    totals = backend.allreduce_sum(np.array([rate, loss if math.isfinite(loss) else 0.0], dtype=np.float64))
+    summary.samples_per_sec = float(totals[0])
+    summary.loss = float(totals[1] / size)
+    summary.val_metrics = tracked.val_metrics
+    summary.epochs = max(tracked.epochs_done, start_epoch)
+    summary.steps, summary.seconds = tracked.step, elapsed
+    summary.checkpoint = tracked.checkpoint
+    return summary
