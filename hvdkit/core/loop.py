@@ -160,8 +160,8 @@ def print_summary(summary: Summary, recipe: Recipe, size: int, file=None) -> Non
     from rich.table import Table
 
     table = Table(title=f"hvdkit · {recipe.name} · {recipe.framework} · np={size}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)  # paths must stay copy-pasteable
     rows = [("epochs", str(summary.epochs)), ("steps", str(summary.steps)), ("train loss", f"{summary.loss:.4f}")]
     rows += [(k, f"{v:.4f}") for k, v in summary.val_metrics.items()]
     rows += [("samples/s (all ranks)", f"{summary.samples_per_sec:,.1f}"), ("time (s)", f"{summary.seconds:.1f}")]
@@ -171,4 +171,4 @@ def print_summary(summary: Summary, recipe: Recipe, size: int, file=None) -> Non
         rows.append(("checkpoint", summary.checkpoint))
     for r in rows:
         table.add_row(*r)
-    Console(file=file or sys.stdout, width=100).print(table)
+    Console(file=file or sys.stdout, width=240).print(table)
