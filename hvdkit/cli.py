@@ -101,8 +101,9 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
     opts = L.LaunchOptions(np=np_, hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
                            autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
                            cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file)
-    L.resolve_hosts(opts)
+    host_slots = L.resolve_hosts(opts)
     L.check_framework_built(loaded.recipe.framework)
+    L.check_ssh(host_slots, opts)  # an unreachable host or refused key: one line, exit 2, nothing started
     train_args = []
     if no_track:
         train_args.append("--no-track")
@@ -112,12 +113,83 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
         train_args += ["--experiment", experiment]
     if baseline:
         train_args += ["--baseline", baseline]
+    from hvdkit.scale import check_baseline, launch_job
+
+    if baseline and not no_track:
+        check_baseline(baseline, loaded.recipe.name)  # a typo costs one line and exit 2, not a job start
     cmd = L.horovodrun_command(loaded, opts, train_args, list(overrides))
     t0 = time.perf_counter()
-    rc = L.launch(cmd, L.worker_env(opts))
+    # launch_job, not L.launch: it also settles the runs' status by job id when the job did not
+    # succeed (rank 0 cannot tell a peer's failure from an interrupt: both reach it as SIGTERM).
+    rc = launch_job(cmd, L.worker_env(opts), track=not no_track, experiment=experiment).rc
     if rc != 0:
         click.echo(f"hvdkit: horovodrun exited with {rc} after {time.perf_counter() - t0:.1f}s", err=True)
     sys.exit(rc)
+
+
+@main.command()
+@click.argument("spool_dir", type=click.Path(file_okay=False))
+@click.option("--tracking-uri", default=None, help="store to replay into (default: the one the job was writing to)")
+def sync(spool_dir, tracking_uri) -> None:
+    """Replay a job's spool (left when the MLflow store was unreachable) into the store."""
+    from hvdkit.tracking import sync_spool
+
+    rep = sync_spool(spool_dir, tracking_uri)
+    click.echo(f"hvdkit: {rep.applied} events applied, {rep.skipped} skipped (already applied)"
+               f"{f', {rep.dropped} rejected by the store' if rep.dropped else ''} -> {rep.tracking_uri}")
+    parent = rep.runs.get("parent")
+    if parent:
+        click.echo(f"hvdkit: parent run {parent}, {sum(1 for r in rep.runs if r.startswith('rank'))} rank run(s)")
+
+
+@main.command()
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+@click.option("--experiment", default="hvdkit", show_default=True, help="experiment whose runs page is opened")
+@click.option("--no-browser", is_flag=True, help="print the URL only")
+def ui(port, tracking_uri, experiment, no_browser) -> None:
+    """Start the MLflow UI on hvdkit's store (127.0.0.1) and print the experiment's runs page."""
+    from hvdkit.ui import serve
+
+    sys.exit(serve(port=port, tracking_uri=tracking_uri, experiment=experiment, open_browser=not no_browser,
+                   echo=lambda m: click.echo(m)))
+
+
+def _sweep_options(f):
+    # hvdkit run's launch options, except the rank count, which is a list here (--np 1,2,4).
+    f = _launch_options(f)
+    f.__click_params__ = [p for p in f.__click_params__ if p.name != "np_"]
+    return f
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("recipe")
+@click.option("--np", "-np", "np_list", required=True, help="rank counts to run, e.g. 1,2,4")
+@_sweep_options
+@click.option("--log-every", type=int, default=None, help="steps between metric gathers (default: the recipe's)")
+@click.option("--experiment", default=None, help="MLflow experiment (default: hvdkit)")
+@click.option("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+@click.option("--baseline", default=None, help="np=1 run id to divide by when 1 is not in --np")
+@click.argument("overrides", nargs=-1)
+def scale(recipe, np_list, framework, hosts, hostfile, controller, timeline, autotune, autotune_log,
+          fusion_threshold_mb, cycle_time_ms, ssh_port, ssh_identity_file, log_every, experiment, tracking_uri,
+          baseline, overrides) -> None:
+    """Scaling sweep: train RECIPE at each rank count, log scaling efficiency on a sweep run."""
+    from hvdkit import launch as L
+    from hvdkit.recipe import load_recipe
+    from hvdkit.scale import parse_np_list, print_table, run_sweep
+
+    nps = parse_np_list(np_list)
+    loaded = load_recipe(recipe, list(overrides), framework=framework)
+    opts = L.LaunchOptions(hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
+                           autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
+                           cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file)
+    res = run_sweep(loaded, opts, nps, list(overrides), log_every=log_every, experiment=experiment,
+                    tracking_uri=tracking_uri, baseline=baseline, echo=lambda m: click.echo(m))
+    print_table(res.rows, f"hvdkit scale · {loaded.recipe.name} · {loaded.recipe.framework} · sweep {res.sweep_run_id}")
+    if res.status != "FINISHED":
+        click.echo(f"hvdkit: sweep {res.status}: {res.message}", err=True)
+        sys.exit(130 if res.status == "KILLED" else 1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -110,10 +109,10 @@ def worker_env(opts: LaunchOptions) -> dict[str, str]:
 
 
 def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: list[str], overrides: list[str]) -> list[str]:
-    horovodrun = shutil.which("horovodrun", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    if not horovodrun:
-        raise LaunchError("horovodrun not found next to this Python or on PATH", fix="hvdkit build-horovod")
-    cmd = [horovodrun, "-np", str(opts.np)]
+    if not _env.dist_version("horovod"):
+        raise LaunchError("Horovod is not installed in this environment", fix="hvdkit build-horovod")
+    # horovodrun's own command line, minus its seconds-long framework probe (see hvdkit._horovodrun)
+    cmd = [sys.executable, "-m", "hvdkit._horovodrun", "-np", str(opts.np)]
     if opts.hosts:
         cmd += ["-H", opts.hosts]
     elif opts.hostfile:
@@ -154,3 +153,57 @@ def launch(cmd: list[str], env: dict[str, str]) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+SSH_CHECK_TIMEOUT_S = 10
+_SSH_FIXES = (  # (what ssh said, how to fix it); {h} is the host
+    ("Permission denied", "authorize the key on {h} (the remote user's ~/.ssh/authorized_keys) or pass the right one with -i KEY"),
+    ("Connection refused", "start sshd on {h}, or pass its port with -p PORT"),
+    ("Could not resolve hostname", "fix the host name {h} in -H/--hostfile"),
+    ("Host key verification failed", "update ~/.ssh/known_hosts for {h}"),
+    ("IDENTIFICATION HAS CHANGED", "update ~/.ssh/known_hosts for {h}"),
+)
+
+
+def check_ssh(hosts: list[tuple[str, int]], opts: LaunchOptions) -> None:
+    """ssh once to every remote host, in parallel, before horovodrun starts anything.
+
+    horovodrun checks too, but retries each host five times and reports a failure as a
+    traceback; here an unreachable host or a refused key costs one line naming the host, and
+    exit 2. It is horovodrun's own ssh command (same options, -p, -i, ~/.ssh/config), so what
+    passes here passes there. Skipped under the Kubeflow MPI Operator's exec-based launcher.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from horovod.runner.common.util import env as hvd_env
+    from horovod.runner.util import network, remote
+
+    if hvd_env.is_kubeflow_mpi():
+        return
+    remote_hosts = network.filter_local_addresses(list(dict.fromkeys(h for h, _ in hosts)))
+    if not remote_hosts:
+        return
+    if opts.ssh_identity_file and not Path(opts.ssh_identity_file).is_file():
+        raise LaunchError(f"ssh key {opts.ssh_identity_file} (-i) not found", fix="pass the private key file of a key the hosts authorize")
+
+    def probe(host: str) -> tuple[str, str | None]:
+        cmd = remote.get_ssh_command("true", host, port=opts.ssh_port, identity_file=opts.ssh_identity_file,
+                                     timeout_s=SSH_CHECK_TIMEOUT_S)
+        try:
+            res = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=SSH_CHECK_TIMEOUT_S + 20)
+        except subprocess.TimeoutExpired:
+            return host, f"no answer within {SSH_CHECK_TIMEOUT_S + 20} s"
+        if res.returncode == 0:
+            return host, None
+        said = [ln.strip() for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("Warning: Permanently added")]
+        return host, said[-1] if said else f"ssh exited with {res.returncode}"
+
+    with ThreadPoolExecutor(max_workers=min(32, len(remote_hosts))) as pool:
+        failed = [(h, why) for h, why in pool.map(probe, remote_hosts) if why]
+    if not failed:
+        return
+    host, why = failed[0]
+    fix = next((f for needle, f in _SSH_FIXES if needle in why),
+               "check that {h} is up and reachable, and that `ssh {h} true` works without a password (-p PORT, -i KEY)")
+    raise LaunchError("cannot ssh to " + ", ".join(f"{h} ({w})" for h, w in failed), fix=fix.format(h=host))

@@ -63,8 +63,13 @@ def main(recipe_path, framework, no_track, log_every, experiment, baseline, pare
     except HvdkitError as exc:
         click.echo(f"hvdkit.train: error: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
-    sys.exit(train(loaded, no_track=no_track, log_every=log_every, experiment=experiment,
-                   baseline=baseline, parent_run_id=parent_run_id))
+    try:
+        rc = train(loaded, no_track=no_track, log_every=log_every, experiment=experiment,
+                   baseline=baseline, parent_run_id=parent_run_id)
+    except HvdkitError as exc:  # e.g. an unknown --baseline, raised on every rank by tracker.start
+        click.echo(f"hvdkit.train: error: {exc.one_line()}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(rc)
 
 
 def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None) -> int:
@@ -82,8 +87,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     config.baseline_run_id = baseline
     tracker = open_job_tracker(config,
                                world, gather=backend.gather, broadcast_object=backend.broadcast_object)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = "FAILED"
     try:
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
@@ -107,7 +111,15 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         status = "KILLED"
         return 130
     finally:
-        tracker.finish(status)
+        # Ending the runs must not be cut short by a signal (horovodrun's SIGTERM after a peer
+        # failed, a second Ctrl-C): _Killed raised inside finish() would leave them RUNNING.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            tracker.finish(status)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _progress_bar(total: int, initial: int):

@@ -13,7 +13,7 @@ from conftest import horovodrun
 pytestmark = pytest.mark.horovod
 
 TORCH = textwrap.dedent("""
-    import json, torch, horovod.torch as hvd
+    import json, sys, torch, horovod.torch as hvd
     hvd.init(); torch.set_num_threads(1)
     r, n = hvd.rank(), hvd.size()
     out = {"rank": r, "size": n}
@@ -28,11 +28,11 @@ TORCH = textwrap.dedent("""
     x = torch.full((8, 4), float(r + 1)); y = torch.zeros(8, 2)    # different data on each rank
     opt.zero_grad(); torch.nn.functional.mse_loss(model(x), y).backward(); opt.step()
     out["weights"] = [p.detach().flatten().tolist() for p in model.parameters()]
-    print("RESULT " + json.dumps(out))
+    open(f"{sys.argv[1]}/rank{r}.json", "w").write(json.dumps(out))  # a file each: mpirun interleaves stdout
 """)
 
 TF = textwrap.dedent("""
-    import json, numpy as np, tensorflow as tf, keras, horovod.tensorflow as hvd
+    import json, sys, numpy as np, tensorflow as tf, keras, horovod.tensorflow as hvd
     hvd.init()
     r, n = hvd.rank(), hvd.size()
     out = {"rank": r, "size": n}
@@ -42,7 +42,7 @@ TF = textwrap.dedent("""
     out["broadcast"] = hvd.broadcast(tf.constant([float(r + 7)]), root_rank=1).numpy().tolist()
     keras.utils.set_random_seed(100 + r)              # different init on each rank ...
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    hvd.broadcast_variables(model.variables, root_rank=0)       # ... made equal by the broadcast
+    hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)  # ... made equal (Keras 3: the tf.Variable behind each)
     opt = keras.optimizers.SGD(0.1)
     x = tf.fill((8, 4), float(r + 1)); y = tf.zeros((8, 2))
     with tf.GradientTape() as tape:
@@ -51,14 +51,13 @@ TF = textwrap.dedent("""
     grads = hvd.grouped_allreduce(grads, op=hvd.Average)         # Keras 3: hvdkit's path, not DistributedGradientTape
     opt.apply_gradients(zip(grads, model.trainable_variables))
     out["weights"] = [v.numpy().flatten().tolist() for v in model.trainable_variables]
-    print("RESULT " + json.dumps(out))
+    open(f"{sys.argv[1]}/rank{r}.json", "w").write(json.dumps(out))  # a file each: mpirun interleaves stdout
 """)
 
 
-def _results(proc) -> list[dict]:
+def _results(proc, out_dir) -> list[dict]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    found = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
-    return sorted(found, key=lambda d: d["rank"])
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
@@ -66,7 +65,7 @@ def _results(proc) -> list[dict]:
 def test_collectives_and_one_step(tmp_path, framework, script, controller):
     path = tmp_path / f"collectives_{framework}.py"
     path.write_text(script)
-    res = _results(horovodrun([sys.executable, str(path)], np=2, controller=controller))
+    res = _results(horovodrun([sys.executable, str(path), str(tmp_path)], np=2, controller=controller), tmp_path)
     assert [r["rank"] for r in res] == [0, 1] and all(r["size"] == 2 for r in res)
     for r in res:
         assert r["allreduce_sum"] == [3.0, 10.0]

@@ -149,7 +149,7 @@ def run_training(
     rate = samples_done / elapsed if elapsed > 0 else 0.0
     totals = backend.allreduce_sum(np.array([rate, loss if math.isfinite(loss) else 0.0], dtype=np.float64))
     summary.samples_per_sec = float(totals[0])
-    summary.loss = float(totals[1] / size)
+    summary.loss = float(totals[1] / size) if samples_done else math.nan  # nothing trained (resumed at the end)
     summary.steps, summary.seconds = step, elapsed
     return summary
 

@@ -69,6 +69,10 @@ class TrackingConfig:
     # np=1 run of the experiment (see efficiency.find_baseline).
     baseline_run_id: str | None = None
     log_efficiency: bool = True
+    # Per-rank keys the caller cannot measure (hvdkit.autolog sees no loss, and no sample count
+    # without a batch size): logged nowhere, rather than as zeros that look like measurements.
+    # Skipping samples_per_sec also skips the parent's sum and scaling efficiency.
+    skip_keys: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -128,6 +132,9 @@ def _validate(config: TrackingConfig, world: World) -> None:
     if not isinstance(config.log_every, int) or config.log_every < 1:
         raise UsageError(f"tracking log_every={config.log_every!r} must be an int >= 1", fix="e.g. log_every: 10")
     _sampling(config.per_rank_runs)
+    unknown = set(config.skip_keys) - keys.RANK_KEY_NAMES
+    if unknown:
+        raise UsageError(f"tracking skip_keys {sorted(unknown)} are not per-rank keys", fix=f"pick from {list(keys.RANK_VECTOR)}")
     if world.size < 1 or not 0 <= world.rank < world.size:
         raise UsageError(f"rank {world.rank} of size {world.size} is not a valid world", fix="fill World from hvd")
     if world.hostnames and len(world.hostnames) != world.size:
@@ -173,18 +180,19 @@ class _ChildRows:
     """The child runs' metrics of one gather, turned into ``log_batch`` events off the training
     thread (see SpoolWriter: any queued object with ``events()`` is expanded there)."""
 
-    __slots__ = ("rows", "ranks", "ts", "step")
+    __slots__ = ("rows", "ranks", "ts", "step", "skip")
 
-    def __init__(self, rows: np.ndarray, ranks: list[int], ts: int, step: int) -> None:
+    def __init__(self, rows: np.ndarray, ranks: list[int], ts: int, step: int, skip: frozenset[str] = frozenset()) -> None:
         self.rows = rows  # fancy-indexed from the gathered table: a copy, safe to keep
         self.ranks = ranks
         self.ts = ts
         self.step = step
+        self.skip = skip
 
     def events(self) -> list[dict]:
-        names, ts, step = keys.RANK_VECTOR, self.ts, self.step
+        names, ts, step, skip = keys.RANK_VECTOR, self.ts, self.step, self.skip
         return [
-            {"op": "log_batch", "ref": f"rank{r}", "metrics": [[k, v, ts, step] for k, v in zip(names, row)]}
+            {"op": "log_batch", "ref": f"rank{r}", "metrics": [[k, v, ts, step] for k, v in zip(names, row) if k not in skip]}
             for r, row in zip(self.ranks, self.rows.tolist())
         ]
 
@@ -210,6 +218,7 @@ class JobTracker:
         self._broadcast = broadcast_object
         self._writer = writer
         self._log_every = config.log_every
+        self._skip = frozenset(config.skip_keys)
         self._sampling = _sampling(config.per_rank_runs)
         self._children = list(range(0, world.size, self._sampling)) if self._sampling else []
         self._emit = rank_zero_only(world.rank)(self._emit_gather)
@@ -487,21 +496,20 @@ class JobTracker:
             # One queue item for all children, expanded into per-run events on the spool thread:
             # with 512 ranks, building 512 events here would cost rank 0 (and, through the next
             # collective, every rank) milliseconds per interval.
-            submit(_ChildRows(table[self._children], self._children, ts, step))
-        sps = table[:, _SPS].tolist()
+            submit(_ChildRows(table[self._children], self._children, ts, step, self._skip))
         step_times = table[:, _STEP]
-        # fsum: the exact sum of the values the children store, whatever order one adds them in.
-        total = math.fsum(sps)
-        metrics = [
-            [keys.SAMPLES_PER_SEC, total, ts, step],
-            [keys.LOSS, math.fsum(table[:, _LOSS].tolist()) / self.world.size, ts, step],
-            [keys.WORLD_SIZE, float(self.world.size), ts, step],
-        ]
+        metrics = [[keys.WORLD_SIZE, float(self.world.size), ts, step]]
+        if keys.SAMPLES_PER_SEC not in self._skip:
+            # fsum: the exact sum of the values the children store, whatever order one adds them in.
+            total = math.fsum(table[:, _SPS].tolist())
+            metrics.append([keys.SAMPLES_PER_SEC, total, ts, step])
+            self._history.append(total)
+        if keys.LOSS not in self._skip:
+            metrics.append([keys.LOSS, math.fsum(table[:, _LOSS].tolist()) / self.world.size, ts, step])
         median = float(np.median(step_times))
         if median > 0 and math.isfinite(median):
             metrics.append([keys.STRAGGLER_RATIO, float(step_times.max()) / median, ts, step])
         submit({"op": "log_batch", "ref": "parent", "metrics": metrics})
-        self._history.append(total)
 
     def _report_nonfinite(self, step: int, table: np.ndarray) -> None:
         # MLflow stores NaN and clamps +-inf, so the values are kept (a diverged loss is worth
@@ -594,7 +602,10 @@ def open_job_tracker(
         return NullJobTracker()
     _validate(config, world)
     uri = resolve_tracking_uri(config.tracking_uri)
-    job_id = _new_job_id() if world.rank == 0 else None
+    # A launcher (hvdkit run / scale) names the job itself, so that after the workers exit it can
+    # find the job's runs by their job_id tag and correct a status they could not know (a rank
+    # SIGTERMed by horovodrun because a peer failed records KILLED; the job FAILED).
+    job_id = (os.environ.get(keys.ENV_JOB_ID) or _new_job_id()) if world.rank == 0 else None
 
     def make_writer() -> SpoolWriter:
         spool = Spool.create(config.spool_dir, job_id or _new_job_id(), absolute_uri(uri))

@@ -84,6 +84,9 @@ ROLE_SWEEP = "sweep"
 
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 
+# Environment variable through which a launcher passes the job id (the TAG_JOB_ID value) to rank 0.
+ENV_JOB_ID = "HVDKIT_JOB_ID"
+
 
 def describe(scope: Scope | None = None) -> list[MetricKey]:
     """The key table (both scopes, or one), e.g. for ``hvdkit`` docs or a CLI listing."""
@@ -94,6 +97,7 @@ def describe(scope: Scope | None = None) -> list[MetricKey]:
 __all__ = [
     "COMM_WAIT_S",
     "DATA_TIME_S",
+    "ENV_JOB_ID",
     "JOB_KEYS",
     "JOB_KEY_NAMES",
     "LOSS",

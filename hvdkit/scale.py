@@ -1,0 +1,409 @@
+"""Launching tracked jobs, and ``hvdkit scale``: a sweep over rank counts with scaling efficiency.
+
+Two pieces:
+
+* :func:`launch_job` runs one horovodrun job under a job id of the launcher's choosing (passed to
+  rank 0 as ``$HVDKIT_JOB_ID``) and, when the job did not succeed, settles the status of its runs
+  by that id. Only the launcher knows how a job ended: when one rank raises, horovodrun SIGTERMs
+  the others, so rank 0 records KILLED although the job FAILED; and a rank SIGKILLed after
+  horovodrun's 5 s grace period records nothing at all and leaves its runs RUNNING.
+* :func:`run_sweep` runs the same recipe at each N of a list, nests every job under one *sweep*
+  run (``hvdkit.role=sweep``), reads each job's measured throughput T(N) back from the store and
+  logs ``scaling_efficiency`` E(N) = T(N) / (N * T(1)) on the sweep run (step = N) and on each job.
+
+Framework-free, like the tracking layer: the jobs import the frameworks, this process never does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hvdkit.errors import LaunchError, TrackingError, UsageError
+from hvdkit.tracking import keys
+
+# How long the launcher waits on the store to settle a job's status before giving up (a dead
+# store must not keep a finished job's launcher alive).
+SETTLE_TIMEOUT_S = 30.0
+TAG_SWEEP_NP = "hvdkit.sweep_np"  # the sweep's rank counts, e.g. "1,2,4" (sweep run)
+
+
+def new_job_id() -> str:
+    # Same shape as the tracker's own ids (sortable by start time, unique by the random part).
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def experiment_name(experiment: str | None) -> str:
+    """The experiment a job writes to: as ``hvdkit.train`` resolves it, so launcher and ranks agree."""
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hvdkit"
+
+
+# -- one job ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobOutcome:
+    rc: int  # horovodrun's exit code
+    job_id: str
+    signal: int | None = None  # the signal the launcher received (and forwarded), if any
+    status: str = "FINISHED"  # how the job ended: FINISHED, FAILED or KILLED
+    settled: tuple[str, ...] = ()  # run ids whose status the launcher corrected
+
+
+def _run_forwarding(cmd: Sequence[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run ``cmd`` in its own process group, forward SIGINT/SIGTERM to it (horovodrun then
+    SIGTERMs every worker once), and report which signal, if any, we received: that is what
+    tells an interrupted job (KILLED) from a failed one (FAILED) -- both exit non-zero."""
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # a handler installed by someone else raced ours; keep waiting
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc, (received[0] if received else None)
+
+
+def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
+    """``fn()`` on a daemon thread; None if it takes longer than ``timeout`` (MLflow's HTTP client
+    retries a dead server for minutes) or raises."""
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except Exception as exc:  # noqa: BLE001 - reported below, never fatal to the launcher
+            box.append(exc)
+
+    t = threading.Thread(target=target, name="hvdkit-settle", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not box:
+        print(f"hvdkit: the MLflow store did not answer within {timeout:.0f}s; run statuses left as recorded",
+              file=sys.stderr, flush=True)
+        return None
+    if isinstance(box[0], Exception):
+        print(f"hvdkit: could not settle run statuses ({box[0]})", file=sys.stderr, flush=True)
+        return None
+    return box[0]
+
+
+def job_runs(client, experiment: str, job_id: str) -> list:
+    """Every run (parent and children) of one job, found by its ``hvdkit.job_id`` tag."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    flt = f"tags.`{keys.TAG_JOB_ID}` = '{job_id}'"  # job ids are [0-9a-f-]: no quoting issue
+    return list(client.search_runs([exp.experiment_id], filter_string=flt, max_results=10_000))
+
+
+def settle_job_status(job_id: str, status: str, *, experiment: str | None = None, tracking_uri: str | None = None,
+                      timeout: float = SETTLE_TIMEOUT_S) -> tuple[str, ...]:
+    """Give the runs of job ``job_id`` the status the launcher observed. Only RUNNING runs (rank 0
+    never ended them) and, for FAILED, KILLED runs (rank 0 was SIGTERMed because a peer failed)
+    change; a run already FAILED or FINISHED keeps what rank 0 recorded. Returns the run ids changed."""
+    from mlflow import MlflowClient
+
+    from hvdkit.tracking._uri import resolve_tracking_uri
+
+    movable = {"RUNNING", "SCHEDULED"} | ({"KILLED"} if status == "FAILED" else set())
+
+    def settle() -> tuple[str, ...]:
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        changed = []
+        now = int(time.time() * 1000)
+        for run in job_runs(client, experiment_name(experiment), job_id):
+            if run.info.status in movable:
+                client.set_terminated(run.info.run_id, status, end_time=run.info.end_time or now)
+                changed.append(run.info.run_id)
+        return tuple(changed)
+
+    return _with_timeout(settle, timeout) or ()
+
+
+def launch_job(cmd: Sequence[str], env: dict[str, str], *, track: bool = True, experiment: str | None = None,
+               tracking_uri: str | None = None, job_id: str | None = None) -> JobOutcome:
+    """Run one horovodrun job (``cmd``) as job ``job_id`` and settle its runs' status afterwards."""
+    job_id = job_id or new_job_id()
+    env = dict(env)
+    env[keys.ENV_JOB_ID] = job_id
+    rc, sig = _run_forwarding(cmd, env)
+    status = "FINISHED" if rc == 0 else "KILLED" if sig is not None else "FAILED"
+    settled: tuple[str, ...] = ()
+    if track and rc != 0:
+        settled = settle_job_status(job_id, status, experiment=experiment, tracking_uri=tracking_uri)
+        if settled:
+            print(f"hvdkit: job {job_id} {status} (horovodrun exited with {rc}): "
+                  f"{len(settled)} run(s) marked {status}", file=sys.stderr, flush=True)
+    return JobOutcome(rc=rc, job_id=job_id, signal=sig, status=status, settled=settled)
+
+
+def check_baseline(run_id: str, recipe_name: str, *, tracking_uri: str | None = None, timeout: float = 15.0) -> None:
+    """Before any worker starts: ``--baseline`` must name an np=1 parent run of the same recipe
+    with a throughput history (else TrackingError, exit 2, and nothing is created). A store that
+    does not answer is not the user's typo: the job starts, and spools."""
+    from mlflow import MlflowClient
+
+    from hvdkit.tracking._uri import resolve_tracking_uri
+    from hvdkit.tracking.efficiency import find_baseline
+
+    def lookup():
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        return find_baseline(client, "", recipe_name, "", "", "", run_id=run_id)
+
+    box: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            lookup()
+            box.append(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below when it is the user's error
+            box.append(exc)
+
+    t = threading.Thread(target=target, name="hvdkit-baseline", daemon=True)
+    t.start()
+    t.join(timeout)
+    if box and isinstance(box[0], TrackingError):
+        raise box[0]
+    if not box or box[0] is not None:
+        why = "no answer" if not box else f"{type(box[0]).__name__}: {box[0]}"
+        print(f"hvdkit: cannot check --baseline {run_id} now ({why}); the job starts anyway",
+              file=sys.stderr, flush=True)
+
+
+# -- the sweep -------------------------------------------------------------------------------
+def parse_np_list(spec: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (sorted, unique)."""
+    out = set()
+    for part in filter(None, (p.strip() for p in str(spec).split(","))):
+        if not part.isdigit() or int(part) < 1:
+            raise UsageError(f"--np {spec!r}: {part!r} is not a rank count >= 1", fix="pass rank counts like --np 1,2,4")
+        out.add(int(part))
+    if not out:
+        raise UsageError(f"--np {spec!r} names no rank count", fix="pass rank counts like --np 1,2,4")
+    return sorted(out)
+
+
+@dataclass
+class SweepRow:
+    np: int
+    samples_per_sec: float | None = None  # T(N), from the job's parent run in the store
+    efficiency: float | None = None  # E(N)
+    run_id: str | None = None  # the job's parent run
+    status: str = "FINISHED"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"np": self.np, "samples_per_sec": self.samples_per_sec, "efficiency": self.efficiency, "run_id": self.run_id}
+
+
+@dataclass
+class SweepResult:
+    sweep_run_id: str
+    experiment_id: str
+    status: str  # FINISHED, FAILED or KILLED
+    rows: list[SweepRow] = field(default_factory=list)
+    baseline_run_id: str | None = None
+    message: str = ""
+
+
+class _Interrupted(BaseException):
+    """SIGTERM to ``hvdkit scale`` between jobs: unwinds so the sweep run ends KILLED."""
+
+
+def _job_parent(client, experiment: str, job_id: str):
+    for run in job_runs(client, experiment, job_id):
+        if run.data.tags.get(keys.TAG_ROLE) == keys.ROLE_PARENT:
+            return run
+    return None
+
+
+def _last_step(client, run_id: str) -> int:
+    hist = client.get_metric_history(run_id, keys.SAMPLES_PER_SEC)
+    return max((m.step for m in hist), default=0)
+
+
+def print_table(rows: Sequence[SweepRow], title: str, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("np", "samples/s (T)", "efficiency (E)", "job run", "status"):
+        table.add_column(col, justify="right" if col != "job run" else "left")
+    for r in rows:
+        table.add_row(
+            str(r.np),
+            "-" if r.samples_per_sec is None else f"{r.samples_per_sec:,.1f}",
+            "-" if r.efficiency is None else f"{r.efficiency:.3f}",
+            r.run_id or "-",
+            r.status,
+        )
+    Console(file=file or sys.stdout, width=120).print(table)
+
+
+def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log_every: int | None = None,
+              experiment: str | None = None, tracking_uri: str | None = None, baseline: str | None = None,
+              echo: Callable[[str], None] = print) -> SweepResult:
+    """Run ``loaded`` at each N of ``nps`` (``opts`` as for ``hvdkit run``; its ``np`` is ignored)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from hvdkit import launch as L
+    from hvdkit.tracking._uri import absolute_uri, resolve_tracking_uri
+    from hvdkit.tracking.efficiency import (
+        Baseline,
+        find_baseline,
+        host_type,
+        run_throughput,
+        scaling_efficiency,
+        write_sweep_artifacts,
+    )
+
+    nps = sorted(set(nps))
+    recipe = loaded.recipe
+    # Every check before anything is created: slots for the largest N, framework built in.
+    L.resolve_hosts(replace(opts, np=max(nps)))
+    L.check_framework_built(recipe.framework)
+    # One store and one experiment for the sweep and every job: the jobs get both explicitly, so
+    # neither the workers' cwd nor their environment can send a job elsewhere (a job nested under
+    # a run of another experiment would not show under it in the UI).
+    uri = absolute_uri(resolve_tracking_uri(tracking_uri))
+    exp_name = experiment_name(experiment)
+    client = MlflowClient(tracking_uri=uri)
+    htype = host_type()
+    try:
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+        base: Baseline | None = None
+        if 1 in nps:
+            if baseline:
+                raise UsageError(f"--baseline {baseline} with 1 in --np {','.join(map(str, nps))}: the sweep's own "
+                                 "np=1 job is its baseline", fix="drop --baseline, or drop 1 from --np")
+        else:
+            base = find_baseline(client, exp_id, recipe.name, recipe.framework, recipe.batch_size, htype, run_id=baseline)
+            if base is None:
+                raise LaunchError(
+                    f"--np {','.join(map(str, nps))} has no 1 and experiment {exp_name!r} holds no finished np=1 run of "
+                    f"recipe {recipe.name!r} ({recipe.framework}, batch {recipe.batch_size}, this host type)",
+                    fix="add 1 to --np, or pass --baseline RUN_ID",
+                )
+        tags = {
+            keys.TAG_ROLE: keys.ROLE_SWEEP,
+            keys.TAG_RECIPE: recipe.name,
+            keys.TAG_FRAMEWORK: recipe.framework,
+            keys.TAG_BATCH_SIZE: str(recipe.batch_size),
+            keys.TAG_HOST_TYPE: htype,
+            TAG_SWEEP_NP: ",".join(map(str, nps)),
+        }
+        if base is not None:
+            tags[keys.TAG_BASELINE_RUN_ID] = base.run_id
+        run_name = f"{recipe.name}-{recipe.framework}-sweep-np{'-'.join(map(str, nps))}"
+        sweep = client.create_run(exp_id, run_name=run_name, tags=tags)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow store {uri}: {exc.message}",
+                            fix="a sweep reads each job's throughput back from the store: make it reachable") from None
+    sweep_id = sweep.info.run_id
+    result = SweepResult(sweep_run_id=sweep_id, experiment_id=exp_id, status="FAILED",
+                         baseline_run_id=base.run_id if base else None)
+    from mlflow.entities import Metric, Param
+
+    client.log_batch(sweep_id, params=[Param("np", ",".join(map(str, nps))), Param("recipe", recipe.name),
+                                       Param("framework", recipe.framework), Param("batch_size", str(recipe.batch_size)),
+                                       Param("overrides", " ".join(overrides)[:6000] or "-")])
+    if base is not None:  # the baseline is the sweep's N=1 point: plotted, and E(1) = 1 by definition
+        result.rows.append(SweepRow(1, base.samples_per_sec, 1.0, base.run_id, "baseline"))
+    echo(f"hvdkit: sweep {sweep_id} in experiment {exp_name!r} ({exp_id}): np {', '.join(map(str, nps))}")
+
+    def on_term(signum, _frame):
+        raise _Interrupted(signal.Signals(signum).name)
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for n in nps:
+            job_opts = replace(opts, np=n, env={**opts.env, "MLFLOW_TRACKING_URI": uri})
+            args = ["--experiment", exp_name, "--parent-run-id", sweep_id]
+            if log_every:
+                args += ["--log-every", str(log_every)]
+            if n > 1 and base is not None:
+                args += ["--baseline", base.run_id]  # the job logs E(N) on its own run too
+            cmd = L.horovodrun_command(loaded, job_opts, args, list(overrides))
+            echo(f"hvdkit: sweep np={n}: {' '.join(cmd[:3])} ...")
+            t0 = time.perf_counter()
+            out = launch_job(cmd, L.worker_env(job_opts), experiment=exp_name, tracking_uri=uri)
+            row = SweepRow(n, status=out.status)
+            result.rows.append(row)
+            if out.status != "FINISHED":
+                result.status = out.status
+                result.message = f"job np={n} {out.status} (horovodrun exited with {out.rc})"
+                break
+            parent = _job_parent(client, exp_name, out.job_id)
+            row.run_id = parent.info.run_id if parent is not None else None
+            t_n = run_throughput(client, row.run_id) if row.run_id else None
+            if not t_n:
+                row.status = "FAILED"
+                result.message = (f"job np={n} left no {keys.SAMPLES_PER_SEC} in {uri} "
+                                  "(store unreachable during the job? see its spool and `hvdkit sync`)")
+                break
+            row.samples_per_sec = t_n
+            if n == 1:
+                base = Baseline(row.run_id, t_n, recipe.name)
+                client.set_tag(sweep_id, keys.TAG_BASELINE_RUN_ID, base.run_id)
+            assert base is not None
+            row.efficiency = scaling_efficiency(t_n, n, base.samples_per_sec)
+            now = int(time.time() * 1000)
+            client.log_batch(sweep_id, metrics=[Metric(keys.SAMPLES_PER_SEC, t_n, now, n),
+                                                Metric(keys.SCALING_EFFICIENCY, row.efficiency, now, n)])
+            if keys.SCALING_EFFICIENCY not in parent.data.metrics:
+                # np=1 jobs (and jobs whose own lookup failed) have none: log the sweep's value.
+                client.log_metric(row.run_id, keys.SCALING_EFFICIENCY, row.efficiency, now, _last_step(client, row.run_id))
+            echo(f"hvdkit: sweep np={n}: T={t_n:,.1f} samples/s, E={row.efficiency:.3f} "
+                 f"({time.perf_counter() - t0:.1f}s, run {row.run_id})")
+        else:
+            result.status = "FINISHED"
+    except (KeyboardInterrupt, _Interrupted):
+        result.status, result.message = "KILLED", "interrupted"
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        measured = [r for r in result.rows if r.samples_per_sec is not None]
+        try:
+            if measured:
+                with tempfile.TemporaryDirectory(prefix="hvdkit-sweep-") as tmp:
+                    png, csv_path = write_sweep_artifacts([r.as_dict() for r in measured], tmp)
+                    client.log_artifact(sweep_id, str(png))
+                    client.log_artifact(sweep_id, str(csv_path))
+        finally:
+            client.set_terminated(sweep_id, result.status)
+    return result
+
+
+__all__ = [
+    "JobOutcome",
+    "SweepResult",
+    "SweepRow",
+    "check_baseline",
+    "launch_job",
+    "parse_np_list",
+    "print_table",
+    "run_sweep",
+    "settle_job_status",
+]
