@@ -116,7 +116,9 @@ class TensorFlowBackend:
         return hvd.allgather(tf.constant(np.asarray(vector)[None, :]), name="hvdkit.gather").numpy()
 
     def broadcast_object(self, obj: Any) -> Any:
-        return hvd.broadcast_object(obj, root_rank=0)
+        # A fixed name: Horovod defaults to the type name, which differs between rank 0's value
+        # and the other ranks' placeholder (see hvdkit.torch).
+        return hvd.broadcast_object(obj, root_rank=0, name="hvdkit.object")
 
     def broadcast_state(self, resumed: bool) -> None:
         _optimizer.broadcast_variables(self.model.variables, root_rank=0)
