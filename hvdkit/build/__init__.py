@@ -1,0 +1,18 @@
+"""Build layer: Horovod 0.28.1 from its sdist with hvdkit's patches, cached as a wheel."""
+
+from hvdkit.build._cache import BuildKey, WheelCache, cache_root
+from hvdkit.build._horovod import SUPPORTED_HOROVOD, BuildPlan, BuildResult, build_horovod
+from hvdkit.build._patches import PATCHES, SourcePatch, apply_patches
+
+__all__ = [
+    "PATCHES",
+    "SUPPORTED_HOROVOD",
+    "BuildKey",
+    "BuildPlan",
+    "BuildResult",
+    "SourcePatch",
+    "WheelCache",
+    "apply_patches",
+    "build_horovod",
+    "cache_root",
+]
