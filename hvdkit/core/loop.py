@@ -81,6 +81,22 @@ def plan_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:
     return recipe.epochs or 1, (recipe.epochs or 1) * steps_per_epoch
 
 
+def resume(backend: Backend, policy: CheckpointPolicy, recipe: Recipe, summary: Summary) -> tuple[bool, int, int]:
+    """Rank 0 reads the newest checkpoint; broadcasts tell every rank whether and where to resume.
+
+    Returns (resumed, first epoch to run, optimizer steps already done). The caller still
+    broadcasts the model/optimizer state itself (``broadcast_state`` or a Keras callback).
+    """
+    latest = policy.latest() if recipe.checkpoint.resume else None
+    resumed = bool(backend.broadcast_object(latest is not None if backend.rank == 0 else None))
+    if not resumed:
+        return False, 0, 0
+    meta = backend.load_checkpoint(latest) if backend.rank == 0 else None
+    meta = backend.broadcast_object(meta)
+    summary.resumed_from = str(latest) if backend.rank == 0 else None
+    return True, meta["epoch"] + 1, meta["step"]
+
+
 def run_training(
     backend: Backend,
     recipe: Recipe,
@@ -98,15 +114,7 @@ def run_training(
     policy = CheckpointPolicy(recipe.checkpoint.dir, recipe.checkpoint.every_epochs, backend.checkpoint_ext)
     summary = Summary()
 
-    # Resume: rank 0 reads the newest checkpoint, then one broadcast gives every rank its state.
-    start_epoch, step = 0, 0
-    latest = policy.latest() if recipe.checkpoint.resume else None
-    resumed = bool(backend.broadcast_object(latest is not None if rank == 0 else None))
-    if resumed:
-        meta = backend.load_checkpoint(latest) if rank == 0 else None
-        meta = backend.broadcast_object(meta)
-        start_epoch, step = meta["epoch"] + 1, meta["step"]
-        summary.resumed_from = str(latest) if rank == 0 else None
+    resumed, start_epoch, step = resume(backend, policy, recipe, summary)
     # Broadcast initial state from rank 0 so all replicas start identical (random init or resumed).
     backend.broadcast_state(resumed)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from hvdkit._frameworks import require
-from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps
+from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps, resume
 from hvdkit.errors import RecipeError
 from hvdkit.recipe import Recipe
 
@@ -323,14 +323,7 @@ def fit_with_horovod(
     policy = CheckpointPolicy(recipe.checkpoint.dir, recipe.checkpoint.every_epochs, backend.checkpoint_ext)
     summary = Summary()
 
-    start_epoch, step = 0, 0
-    latest = policy.latest() if recipe.checkpoint.resume else None
-    resumed = bool(backend.broadcast_object(latest is not None if rank == 0 else None))
-    if resumed:
-        meta = backend.load_checkpoint(latest) if rank == 0 else None
-        meta = backend.broadcast_object(meta)
-        start_epoch, step = meta["epoch"] + 1, meta["step"]
-        summary.resumed_from = str(latest) if rank == 0 else None
+    _, start_epoch, step = resume(backend, policy, recipe, summary)
 
     bar = progress(total_steps, step) if progress else None
     micro_batch = recipe.batch_size // passes
