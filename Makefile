@@ -10,6 +10,8 @@ export OMPI_ALLOW_RUN_AS_ROOT ?= 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PYTEST_ARGS ?=
+# Extra `hvdkit build-horovod` flags, e.g. HOROVOD_BUILD_ARGS=--gpu (docker/Dockerfile.gpu sets it).
+HOROVOD_BUILD_ARGS ?=
 
 .PHONY: setup system-deps horovod demo test bench lint clean
 .DEFAULT_GOAL := demo
@@ -26,7 +28,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 horovod: $(STAMP)
-	$(BIN)/hvdkit build-horovod
+	$(BIN)/hvdkit build-horovod $(HOROVOD_BUILD_ARGS)
 
 demo: setup
 	$(BIN)/hvdkit doctor

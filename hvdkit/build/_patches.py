@@ -79,6 +79,30 @@ PATCHES: tuple[SourcePatch, ...] = (
         ),
     ),
     SourcePatch(
+        name="gloo-process-set-iface",
+        path="horovod/common/gloo/gloo_context.cc",
+        old=(
+            "  attr device_attr;\n"
+            "  device_attr.iface = gloo_iface_;\n"
+            "  device_attr.ai_family = AF_UNSPEC;\n"
+            "  auto dev = CreateDevice(device_attr);\n"
+            "\n"
+            "  global_ctx = global_context.ctx;"
+        ),
+        new=(
+            "  // hvdkit: inherit the global context's interface (0.28.1 left it empty, so process-set\n"
+            "  // contexts bound to whatever the hostname resolves to, often 127.0.1.1 across hosts)\n"
+            "  gloo_iface_ = global_context.gloo_iface_;\n"
+            "  attr device_attr;\n"
+            "  device_attr.iface = gloo_iface_;\n"
+            "  device_attr.ai_family = AF_UNSPEC;\n"
+            "  auto dev = CreateDevice(device_attr);\n"
+            "\n"
+            "  global_ctx = global_context.ctx;"
+        ),
+        why="Multi-host Gloo jobs fail in hvd.init() with `connect [127.0.x.1]` when hostnames resolve to loopback.",
+    ),
+    SourcePatch(
         name="tf-xla-ops-optional",
         path="horovod/tensorflow/CMakeLists.txt",
         old='list(APPEND TF_SOURCES "${PROJECT_SOURCE_DIR}/horovod/tensorflow/xla_mpi_ops.cc")',
