@@ -42,3 +42,12 @@ def hvdkit(args: list[str], timeout: int = 600, cwd: Path | None = None, env: di
 @pytest.fixture
 def sqlite_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+_NOISE = ("oneDNN custom operations", "cpu_feature_guard", "To enable the following instructions", "absl::InitializeLog")
+
+
+def explain(proc: subprocess.CompletedProcess, limit: int = 8000) -> str:
+    """A failed job's output without TensorFlow's start-up chatter, for assertion messages."""
+    text = "\n".join(l for l in (proc.stdout + "\n" + proc.stderr).splitlines() if not any(n in l for n in _NOISE))
+    return f"exit {proc.returncode}\n{text[-limit:]}"

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, hvdkit, horovodrun
+from conftest import REPO, explain, hvdkit, horovodrun
 
 pytestmark = pytest.mark.horovod
 
@@ -38,10 +38,10 @@ def test_data_parallel_formula(tmp_path, framework):
     one, two = tmp_path / "np1", tmp_path / "np2"
     r1 = hvdkit(["run", "recipes/digits.yaml", "-np", "1", "--framework", framework, "--no-track",
                  *PLAIN_SGD, "batch_size=32", f"checkpoint.dir={one}"])
-    assert r1.returncode == 0, r1.stdout[-2000:] + r1.stderr[-3000:]
+    assert r1.returncode == 0, explain(r1)
     r2 = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "--framework", framework, "--no-track",
                  *PLAIN_SGD, "batch_size=16", f"checkpoint.dir={two}"])
-    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-3000:]
+    assert r2.returncode == 0, explain(r2)
     w1, w2 = _weights(_only_checkpoint(one)), _weights(_only_checkpoint(two))
     assert len(w1) == len(w2) > 0
     moved = False
@@ -50,7 +50,7 @@ def test_data_parallel_formula(tmp_path, framework):
     # and training did move the weights (the test would pass trivially on a no-op step)
     r0 = hvdkit(["run", "recipes/digits.yaml", "-np", "1", "--framework", framework, "--no-track",
                  *PLAIN_SGD, "steps=1", "optimizer.lr=1e-12", "batch_size=32", f"checkpoint.dir={tmp_path / 'np0'}"])
-    assert r0.returncode == 0, r0.stderr[-2000:]
+    assert r0.returncode == 0, explain(r0)
     w0 = _weights(_only_checkpoint(tmp_path / "np0"))
     assert any(not np.allclose(a, b, rtol=1e-4) for a, b in zip(w0, w1))
 
@@ -59,7 +59,7 @@ def test_data_parallel_formula(tmp_path, framework):
 def test_digits_reaches_95_percent_and_prints_summary(tmp_path, framework):
     res = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "--framework", framework, "--no-track",
                   f"checkpoint.dir={tmp_path / 'ck'}"])
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     acc = float(re.search(r"val_accuracy\s*│\s*([\d.]+)", res.stdout).group(1))
     assert acc >= 0.95, res.stdout[-2000:]
     assert "samples/s (all ranks)" in res.stdout
@@ -68,7 +68,7 @@ def test_digits_reaches_95_percent_and_prints_summary(tmp_path, framework):
 def test_plain_horovodrun_runs_the_same_job(tmp_path):
     res = horovodrun([sys.executable, "-m", "hvdkit.train", "recipes/digits.yaml", "--framework", "torch", "--no-track",
                       "epochs=3", f"checkpoint.dir={tmp_path}"], np=2)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     assert re.search(r"val_accuracy\s*│\s*0\.9", res.stdout), res.stdout[-2000:]
     assert (tmp_path / "ckpt-e0003.pt").is_file()
 
@@ -77,11 +77,11 @@ def test_resume_continues_from_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     first = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "--no-track", "epochs=2", "checkpoint.every_epochs=1",
                     f"checkpoint.dir={ck}", "log.progress=false"])
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, explain(first)
     assert sorted(p.name for p in ck.iterdir()) == ["ckpt-e0001.pt", "ckpt-e0002.pt"]
     second = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "--no-track", "epochs=4", "checkpoint.every_epochs=1",
                      f"checkpoint.dir={ck}", "log.progress=false"])
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, explain(second)
     assert "resumed from" in second.stdout and "ckpt-e0002.pt" in second.stdout
     assert re.search(r"epochs\s*│\s*4\b", second.stdout)
     # 22 steps an epoch at np=2, batch 32: the resumed run did epochs 3 and 4 only, ending at step 88
@@ -94,6 +94,6 @@ def test_resume_continues_from_checkpoint(tmp_path):
 def test_python_recipe_trains(tmp_path, framework):
     res = hvdkit(["run", "recipes/custom_model.py", "-np", "2", "--framework", framework, "--no-track", "epochs=6",
                   "log.progress=false"], cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, explain(res)
     acc = float(re.search(r"val_accuracy\s*│\s*([\d.]+)", res.stdout).group(1))
     assert acc >= 0.9
