@@ -281,9 +281,11 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
 
     nps = sorted(set(nps))
     recipe = loaded.recipe
-    # Every check before anything is created: slots for the largest N, framework built in.
-    L.resolve_hosts(replace(opts, np=max(nps)))
+    # Every check before anything is created: slots for the largest N, framework built in, hosts
+    # reachable (as hvdkit run checks them).
+    host_slots = L.resolve_hosts(replace(opts, np=max(nps)))
     L.check_framework_built(recipe.framework)
+    L.check_ssh(host_slots, opts)
     # One store and one experiment for the sweep and every job: the jobs get both explicitly, so
     # neither the workers' cwd nor their environment can send a job elsewhere (a job nested under
     # a run of another experiment would not show under it in the UI).
@@ -293,20 +295,23 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
     htype = host_type()
     try:
         exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
         base: Baseline | None = None
         if 1 in nps:
             if baseline:
                 raise UsageError(f"--baseline {baseline} with 1 in --np {','.join(map(str, nps))}: the sweep's own "
                                  "np=1 job is its baseline", fix="drop --baseline, or drop 1 from --np")
         else:
-            base = find_baseline(client, exp_id, recipe.name, recipe.framework, recipe.batch_size, htype, run_id=baseline)
+            if baseline or exp is not None:
+                base = find_baseline(client, exp.experiment_id if exp else "", recipe.name, recipe.framework,
+                                     recipe.batch_size, htype, run_id=baseline)
             if base is None:
                 raise LaunchError(
                     f"--np {','.join(map(str, nps))} has no 1 and experiment {exp_name!r} holds no finished np=1 run of "
                     f"recipe {recipe.name!r} ({recipe.framework}, batch {recipe.batch_size}, this host type)",
                     fix="add 1 to --np, or pass --baseline RUN_ID",
                 )
+        # Checks passed: only now is anything created.
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
         tags = {
             keys.TAG_ROLE: keys.ROLE_SWEEP,
             keys.TAG_RECIPE: recipe.name,
@@ -347,9 +352,10 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
             if n > 1 and base is not None:
                 args += ["--baseline", base.run_id]  # the job logs E(N) on its own run too
             cmd = L.horovodrun_command(loaded, job_opts, args, list(overrides))
-            echo(f"hvdkit: sweep np={n}: {' '.join(cmd[:3])} ...")
+            job_id = new_job_id()
+            echo(f"hvdkit: sweep np={n}: job {job_id}")
             t0 = time.perf_counter()
-            out = launch_job(cmd, L.worker_env(job_opts), experiment=exp_name, tracking_uri=uri)
+            out = launch_job(cmd, L.worker_env(job_opts), experiment=exp_name, tracking_uri=uri, job_id=job_id)
             row = SweepRow(n, status=out.status)
             result.rows.append(row)
             if out.status != "FINISHED":
