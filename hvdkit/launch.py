@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,11 +138,15 @@ def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: li
     return cmd
 
 
-def launch(cmd: list[str], env: dict[str, str]) -> int:
-    """Run horovodrun in its own process group; Ctrl-C / SIGTERM reach every worker once."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+def run_forwarding(cmd: Sequence[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run ``cmd`` in its own process group, forward SIGINT/SIGTERM to it (horovodrun then
+    SIGTERMs every worker once), and report which signal, if any, we received: that is what
+    tells an interrupted job (KILLED) from a failed one (FAILED) -- both exit non-zero."""
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum, _frame):
+        received.append(signum)
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
@@ -149,10 +154,17 @@ def launch(cmd: list[str], env: dict[str, str]) -> int:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # a handler installed by someone else raced ours; keep waiting
+                continue
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    return rc, (received[0] if received else None)
+
 
 
 SSH_CHECK_TIMEOUT_S = 10

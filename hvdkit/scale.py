@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hvdkit.errors import LaunchError, TrackingError, UsageError
+from hvdkit.launch import run_forwarding
 from hvdkit.tracking import keys
 
 # How long the launcher waits on the store to settle a job's status before giving up (a dead
@@ -55,34 +55,6 @@ class JobOutcome:
     signal: int | None = None  # the signal the launcher received (and forwarded), if any
     status: str = "FINISHED"  # how the job ended: FINISHED, FAILED or KILLED
     settled: tuple[str, ...] = ()  # run ids whose status the launcher corrected
-
-
-def _run_forwarding(cmd: Sequence[str], env: dict[str, str]) -> tuple[int, int | None]:
-    """Run ``cmd`` in its own process group, forward SIGINT/SIGTERM to it (horovodrun then
-    SIGTERMs every worker once), and report which signal, if any, we received: that is what
-    tells an interrupted job (KILLED) from a failed one (FAILED) -- both exit non-zero."""
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
-    received: list[int] = []
-
-    def forward(signum, _frame):
-        received.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # a handler installed by someone else raced ours; keep waiting
-                continue
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    return rc, (received[0] if received else None)
 
 
 def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
@@ -148,7 +120,7 @@ def launch_job(cmd: Sequence[str], env: dict[str, str], *, track: bool = True, e
     job_id = job_id or new_job_id()
     env = dict(env)
     env[keys.ENV_JOB_ID] = job_id
-    rc, sig = _run_forwarding(cmd, env)
+    rc, sig = run_forwarding(cmd, env)
     status = "FINISHED" if rc == 0 else "KILLED" if sig is not None else "FAILED"
     settled: tuple[str, ...] = ()
     if track and rc != 0:

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 from importlib import import_module
 
 import click
@@ -21,6 +23,22 @@ class _Killed(BaseException):
 
 def _on_signal(signum, _frame):
     raise _Killed(signal.Signals(signum).name)
+
+
+# Set by benchmarks (bench/): rank 0 writes the Summary and wall-clock marks of the run's phases
+# there as JSON, so throughput and time to first step are read exactly, not parsed from a table.
+ENV_SUMMARY_JSON = "HVDKIT_SUMMARY_JSON"
+_T_IMPORT = time.time()  # this module imported: the interpreter is up, no framework loaded yet
+
+
+def _write_summary_json(path, summary, recipe, size, marks) -> None:
+    data = {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
+            "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
+            "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id):
@@ -69,7 +87,34 @@ def main(recipe_path, framework, no_track, log_every, experiment, baseline, pare
     except HvdkitError as exc:  # e.g. an unknown --baseline, raised on every rank by tracker.start
         click.echo(f"hvdkit.train: error: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
-    sys.exit(rc)
+    _exit(rc)
+
+
+def _exit(rc: int) -> None:
+    """``sys.exit(rc)`` minus the interpreter's teardown, when this module is the process.
+
+    Freeing every module of torch (or TensorFlow), Horovod and MLflow one object at a time takes
+    seconds after the job is done (bench/launch: ~3 s of a 2-rank job's wall time on 2 cores),
+    and horovodrun waits for it on every rank. The atexit handlers still run (Horovod's
+    shutdown, logging, MLflow), the streams are flushed, then the process ends. Only as
+    ``python -m hvdkit.train`` and with no non-daemon thread left: anything else exits normally.
+    """
+    import threading
+
+    if (__name__ != "__main__" or os.environ.get("XNOFASTEXIT")
+            or any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate())):
+        sys.exit(rc)
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()  # what a normal exit runs first
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe must not change the exit code
+                pass
+        os._exit(rc)
 
 
 def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None) -> int:
@@ -77,11 +122,21 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     from hvdkit.tracking import World, open_job_tracker, rank_zero
 
     recipe = loaded.recipe
+    summary_json = os.environ.get(ENV_SUMMARY_JSON)
+    marks = {"module_imported": _T_IMPORT}
+    try:
+        import psutil
+
+        marks["process_start"] = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a mark, never worth failing for
+        pass
     layer = import_module(f"hvdkit.{recipe.framework}")
     py = loaded.python
     data = (py.build_data(recipe.seed) if py else None) or load_builtin(recipe.data, recipe.seed)
     model = py.build_model(recipe.framework, data.input_shape, data.num_classes) if py else None
+    marks["framework_imported"] = time.time()
     backend = layer.make_backend(recipe, data, model)  # hvd.init() happens here
+    marks["backend_ready"] = time.time()
     world = World.from_horovod_env(backend.rank, backend.size, backend.gather)  # every rank's hostname
     config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id)
     config.baseline_run_id = baseline
@@ -92,11 +147,18 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     try:
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
                                                     "hvdkit.batch_size": str(recipe.batch_size)})
+        marks["tracker_started"] = time.time()
         progress = rank_zero(backend.rank, lambda: _progress_bar) if recipe.log.progress else None
         if getattr(recipe, "keras_fit", False) and recipe.framework == "tensorflow":
             summary = backend.fit(recipe, tracker)
         else:
-            summary = run_training(backend, recipe, data, tracker, progress=progress)
+            after_step = None
+            if summary_json and backend.rank == 0:
+                def after_step(step, marks=marks):
+                    if "first_step" not in marks:
+                        marks["first_step"] = time.time()
+            summary = run_training(backend, recipe, data, tracker, progress=progress, after_step=after_step)
+        marks["train_end"] = time.time()
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
         for env_key in ("HOROVOD_TIMELINE", "HOROVOD_AUTOTUNE_LOG"):
             if os.environ.get(env_key) and os.path.exists(os.environ[env_key]):
@@ -120,6 +182,9 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if summary_json and status == "FINISHED" and backend.rank == 0:
+            marks["finished"] = time.time()
+            _write_summary_json(summary_json, summary, recipe, backend.size, marks)
 
 
 def _progress_bar(total: int, initial: int):

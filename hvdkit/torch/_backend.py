@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,21 @@ from hvdkit.recipe import Recipe
 torch, hvd = require("torch")
 
 from hvdkit.torch import _models  # noqa: E402  (needs torch, imported just above)
+
+# How the training thread waits for the gradient allreduces. Horovod's synchronize() spins
+# (poll, yield, retake the GIL) on a core that Horovod's background thread and Gloo need to do the
+# allreduce itself; with one rank per core that spin roughly tripled the allreduce latency here
+# (bench/: 136k-param MLP at np=2, 2 cores). Polling with a short sleep gives the core back.
+# 0 restores Horovod's own spinning wait.
+ENV_POLL_SLEEP_US = "HVDKIT_POLL_SLEEP_US"
+_DEFAULT_POLL_SLEEP_US = 20.0
+
+
+def _poll_sleep_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(ENV_POLL_SLEEP_US, _DEFAULT_POLL_SLEEP_US))) / 1e6
+    except ValueError:
+        return _DEFAULT_POLL_SLEEP_US / 1e6
 
 
 def _optimizer(params, spec) -> "torch.optim.Optimizer":
@@ -44,6 +60,7 @@ class TorchBackend:
         self.model = model if model is not None else _models.build(recipe.model, tuple(self.x.shape[1:]), data.num_classes)
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self.passes = recipe.horovod.backward_passes_per_step
+        self._poll_sleep = _poll_sleep_s()
         compression = hvd.Compression.fp16 if recipe.horovod.compression == "fp16" else hvd.Compression.none
         # Averages g_i over ranks in background allreduces that start as each gradient is ready.
         self.optimizer = hvd.DistributedOptimizer(
@@ -72,11 +89,29 @@ class TorchBackend:
             loss.backward()
             total += loss.item()
         t0 = time.perf_counter()
-        self.optimizer.synchronize()  # wait for the averaged gradients: the time blocked on comms
+        self._await_allreduces()
+        self.optimizer.synchronize()  # the averaged gradients (already there: returns at once)
         comm = time.perf_counter() - t0
         with self.optimizer.skip_synchronize():
             self.optimizer.step()  # θ ← θ − η·g with g = (1/p) Σ g_i
         return total, comm
+
+    def _await_allreduces(self) -> None:
+        """Block until the gradient allreduces the backward hooks started are done, sleeping
+        between polls instead of spinning (see ENV_POLL_SLEEP_US)."""
+        if not self._poll_sleep:
+            return
+        # Horovod's own map of in-flight allreduces (param or group -> (handle, ctx)); a handle is
+        # None for a parameter whose allreduce synchronize() will start itself.
+        handles = getattr(self.optimizer, "_handles", None)
+        if not handles:
+            return
+        pending = [h for h, _ in handles.values() if type(h) is int]
+        poll, sleep, nap = hvd.poll, time.sleep, self._poll_sleep
+        while pending:
+            pending = [h for h in pending if not poll(h)]
+            if pending:
+                sleep(nap)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -89,10 +124,20 @@ class TorchBackend:
         return {"val_loss": float(tot[0] / tot[2]), "val_accuracy": float(tot[1] / tot[2])}
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
-        return hvd.allreduce(torch.from_numpy(values), op=hvd.Sum, name="hvdkit.sum").numpy()
+        handle = hvd.allreduce_async(torch.from_numpy(values), op=hvd.Sum, name="hvdkit.sum")
+        return self._result(handle).numpy()
 
     def gather(self, vector: np.ndarray) -> np.ndarray:
-        return hvd.allgather(torch.from_numpy(vector[None, :]), name="hvdkit.gather").numpy()
+        # The tracker's gather, every log_every steps: the same sleeping wait as the gradients'.
+        handle = hvd.allgather_async(torch.from_numpy(vector[None, :]), name="hvdkit.gather")
+        return self._result(handle).numpy()
+
+    def _result(self, handle: int) -> "torch.Tensor":
+        nap = self._poll_sleep
+        if nap:
+            while not hvd.poll(handle):
+                time.sleep(nap)
+        return hvd.synchronize(handle)
 
     def broadcast_object(self, obj: Any) -> Any:
         # A fixed name: Horovod's default is the object's type name, which differs between
