@@ -44,7 +44,6 @@ def test_data_parallel_formula(tmp_path, framework):
     assert r2.returncode == 0, explain(r2)
     w1, w2 = _weights(_only_checkpoint(one)), _weights(_only_checkpoint(two))
     assert len(w1) == len(w2) > 0
-    moved = False
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     # and training did move the weights (the test would pass trivially on a no-op step)
