@@ -105,3 +105,17 @@ def test_build_horovod_with_corrupted_cached_wheel(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "is corrupted" in res.stderr and "run `hvdkit build-horovod` again" in res.stderr
     assert not cache.entry_dir(key).exists()
+
+
+def test_framework_not_built_into_horovod(monkeypatch):
+    """Pure logic (a Horovod built without TF costs a rebuild): the launcher's check and its message."""
+    from hvdkit import launch
+    from hvdkit.build import _env
+    from hvdkit.errors import LaunchError
+
+    monkeypatch.setattr(_env, "installed_build", lambda: None)
+    monkeypatch.setattr(_env, "probe_horovod", lambda fws: {fw: {"ok": False, "error": "ImportError: no mpi_lib"} for fw in fws})
+    with pytest.raises(LaunchError) as exc:
+        launch.check_framework_built("tensorflow")
+    assert exc.value.exit_code == 2
+    assert "Horovod is not built with tensorflow" in str(exc.value) and "hvdkit build-horovod --frameworks tensorflow" in str(exc.value)
