@@ -31,10 +31,31 @@ ENV_SUMMARY_JSON = "HVDKIT_SUMMARY_JSON"
 _T_IMPORT = time.time()  # this module imported: the interpreter is up, no framework loaded yet
 
 
-def _write_summary_json(path, summary, recipe, size, marks) -> None:
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of this process so far: per Python thread (by name), the threads Python does
+    not know (Horovod's background thread, Gloo, the framework's pools) together, and in total."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    by_tid = {t.id: t.user_time + t.system_time for t in proc.threads()}
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        cpu = by_tid.pop(t.native_id, None) if t.native_id is not None else None
+        if cpu is not None:
+            out[t.name] = out.get(t.name, 0.0) + cpu
+    out["(native threads)"] = sum(by_tid.values())
+    times = proc.cpu_times()
+    out["(process)"] = times.user + times.system
+    return out
+
+
+def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> None:
     data = {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
             "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
-            "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks}
+            "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks,
+            "thread_cpu_s": threads or {}}
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f)
@@ -135,19 +156,21 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     data = (py.build_data(recipe.seed) if py else None) or load_builtin(recipe.data, recipe.seed)
     model = py.build_model(recipe.framework, data.input_shape, data.num_classes) if py else None
     marks["framework_imported"] = time.time()
+    threads = None
     backend = layer.make_backend(recipe, data, model)  # hvd.init() happens here
     marks["backend_ready"] = time.time()
     world = World.from_horovod_env(backend.rank, backend.size, backend.gather)  # every rank's hostname
     config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id)
     config.baseline_run_id = baseline
-    tracker = open_job_tracker(config,
-                               world, gather=backend.gather, broadcast_object=backend.broadcast_object)
+    tracker = open_job_tracker(config, world, gather=backend.gather, broadcast_object=backend.broadcast_object,
+                               gather_async=None if os.environ.get("XSYNCGATHER") else getattr(backend, "gather_async", None))
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = "FAILED"
     try:
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
                                                     "hvdkit.batch_size": str(recipe.batch_size)})
         marks["tracker_started"] = time.time()
+        threads_at_start = _thread_cpu_s() if summary_json and backend.rank == 0 else None
         progress = rank_zero(backend.rank, lambda: _progress_bar) if recipe.log.progress else None
         if getattr(recipe, "keras_fit", False) and recipe.framework == "tensorflow":
             summary = backend.fit(recipe, tracker)
@@ -159,6 +182,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
                         marks["first_step"] = time.time()
             summary = run_training(backend, recipe, data, tracker, progress=progress, after_step=after_step)
         marks["train_end"] = time.time()
+        threads = {"train_start": threads_at_start, "train_end": _thread_cpu_s()} if threads_at_start else None
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
         for env_key in ("HOROVOD_TIMELINE", "HOROVOD_AUTOTUNE_LOG"):
             if os.environ.get(env_key) and os.path.exists(os.environ[env_key]):
@@ -184,7 +208,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
                 signal.signal(sig, handler)
         if summary_json and status == "FINISHED" and backend.rank == 0:
             marks["finished"] = time.time()
-            _write_summary_json(summary_json, summary, recipe, backend.size, marks)
+            _write_summary_json(summary_json, summary, recipe, backend.size, marks, threads)
 
 
 def _progress_bar(total: int, initial: int):

@@ -69,6 +69,7 @@ class TorchBackend:
             compression=compression,
             backward_passes_per_step=self.passes,
             op=hvd.Average,
+            groups=int(os.environ["XGROUPS"]) if os.environ.get("XGROUPS") else None,
         )
 
     # -- the loop's contract -------------------------------------------------------------
@@ -131,6 +132,11 @@ class TorchBackend:
         # The tracker's gather, every log_every steps: the same sleeping wait as the gradients'.
         handle = hvd.allgather_async(torch.from_numpy(vector[None, :]), name="hvdkit.gather")
         return self._result(handle).numpy()
+
+    def gather_async(self, vector: np.ndarray):
+        """Start the tracker's allgather; returns a function that waits for the ``[size, k]`` table."""
+        handle = hvd.allgather_async(torch.from_numpy(vector[None, :]), name="hvdkit.gather")
+        return lambda: self._result(handle).numpy()
 
     def _result(self, handle: int) -> "torch.Tensor":
         nap = self._poll_sleep

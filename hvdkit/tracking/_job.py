@@ -57,6 +57,12 @@ class TrackingConfig:
     experiment: str = "hvdkit"
     run_name: str | None = None
     log_every: int = 10  # steps between gathers
+    # Rank 0 hands the gathered metrics to the writer at most this often (seconds): every
+    # hand-off wakes the writer's threads for a store transaction that contends for the GIL with
+    # training, so a gather every few milliseconds must not mean a transaction every few ms
+    # (bench/tracking: 0.70 -> see docs/benchmarks.md on the fast-step recipe). Metrics keep
+    # the timestamp and step of their gather; 0 hands each gather over at once.
+    flush_every_s: float = 1.0
     # False: no child runs; k: a child run for every k-th rank only (parent keys still use all ranks)
     per_rank_runs: bool | int = True
     spool_dir: str | None = None  # root of the spools; default ./hvdkit-spool
@@ -197,6 +203,25 @@ class _ChildRows:
         ]
 
 
+class _Batch:
+    """Several gathers' events handed to the writer as one queue item (expanded, like
+    ``_ChildRows``, on the spool thread), so that they reach the store in one window."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def events(self) -> list[dict]:
+        out: list[dict] = []
+        for item in self.items:
+            if isinstance(item, dict):
+                out.append(item)
+            else:
+                out.extend(item.events())
+        return out
+
+
 class JobTracker:
     """One job's tracking, on one rank. Every rank makes the same calls in the same order."""
 
@@ -208,6 +233,7 @@ class JobTracker:
         broadcast_object: Callable[[object], object],
         writer: SpoolWriter | NullWriter,
         job_id: str | None,
+        gather_async: Callable[[np.ndarray], Callable[[], Any]] | None = None,
     ) -> None:
         self.config = config
         self.world = world
@@ -215,6 +241,13 @@ class JobTracker:
         self.job_id = job_id
         self.close_report: CloseReport | None = None
         self._gather_fn = gather
+        # Optional: starts the same allgather and returns a function that waits for its table.
+        # With it, an interval's gather runs in the background while the next interval trains
+        # and is collected at the next gather (a synchronous gather costs every rank a Horovod
+        # cycle each interval: bench/tracking, fast-step recipe). Every rank still calls it at
+        # the same steps.
+        self._gather_async = gather_async
+        self._inflight: tuple[int, int, Callable[[], Any]] | None = None  # (step, ts, wait)
         self._broadcast = broadcast_object
         self._writer = writer
         self._log_every = config.log_every
@@ -231,6 +264,9 @@ class JobTracker:
         self._parent_tags: dict[str, str] = {}
         self._reset()
         self._last_step = 0
+        self._pending: list = []  # rank 0: gathered metrics not yet handed to the writer
+        self._flush_every = 0.0 if os.environ.get("XFLUSH0") else max(0.0, float(config.flush_every_s))
+        self._next_flush = 0.0  # monotonic time of the next hand-off; the first gather goes at once
 
     @property
     def spool_dir(self) -> str | None:
@@ -408,11 +444,16 @@ class JobTracker:
             raise UsageError(f"run status {status!r} is not one of {', '.join(STATUSES)}", fix="pass FINISHED, FAILED or KILLED")
         if self._finished:
             return
-        if status == "FINISHED" and self._started and self._n:
-            self._gather(self._last_step)
+        if status == "FINISHED" and self._started:
+            self._collect_inflight()
+            if self._n:
+                self._gather(self._last_step, final=True)
+        # FAILED / KILLED: an in-flight gather is abandoned, not waited for (a peer may be gone).
+        self._inflight = None
         self._finished = True
         if self.world.rank != 0:
             return
+        self._flush_pending()
         if self._started and status == "FINISHED":
             self._log_efficiency()
         if self._started:
@@ -469,7 +510,14 @@ class JobTracker:
             self._proc = psutil.Process(os.getpid())
         return self._proc.memory_info().rss / 1048576.0
 
-    def _gather(self, step: int) -> None:
+    def _collect_inflight(self) -> None:
+        if self._inflight is not None:
+            step, ts, wait = self._inflight
+            self._inflight = None
+            table = np.asarray(wait(), dtype=np.float64).reshape(self.world.size, _NCOLS)
+            self._emit(step, table, ts)
+
+    def _gather(self, step: int, final: bool = False) -> None:
         if not self._started or self._finished:
             raise UsageError(
                 "JobTracker.record_step() outside start() ... finish()", fix="call start() before training, finish() after"
@@ -484,12 +532,18 @@ class JobTracker:
         vec[_LOSS] = self._loss / n
         vec[_RSS] = self._rss_mb()
         self._reset()
+        if self._gather_async is not None and not final:
+            # The previous interval's gather finished long ago (an interval of training ran
+            # since): collect it first, so one gather of this name is in flight at a time.
+            self._collect_inflight()
+            self._inflight = (step, now_ms(), self._gather_async(vec))
+            return
         table = np.asarray(self._gather_fn(vec), dtype=np.float64).reshape(self.world.size, _NCOLS)
         self._emit(step, table)
 
-    def _emit_gather(self, step: int, table: np.ndarray) -> None:
-        ts = now_ms()
-        submit = self._writer.submit
+    def _emit_gather(self, step: int, table: np.ndarray, ts: int | None = None) -> None:
+        ts = now_ms() if ts is None else ts
+        submit = self._pending.append
         if not np.isfinite(table).all():
             self._report_nonfinite(step, table)
         if self._children:
@@ -510,6 +564,17 @@ class JobTracker:
         if median > 0 and math.isfinite(median):
             metrics.append([keys.STRAGGLER_RATIO, float(step_times.max()) / median, ts, step])
         submit({"op": "log_batch", "ref": "parent", "metrics": metrics})
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._flush_pending()
+            self._next_flush = now + self._flush_every
+
+    def _flush_pending(self) -> None:
+        """Hand the buffered gathers to the writer (one queue item). Called before any other
+        event is submitted, so the writer still sees events in the order they were made."""
+        if self._pending:
+            self._writer.submit(_Batch(self._pending))
+            self._pending = []
 
     def _report_nonfinite(self, step: int, table: np.ndarray) -> None:
         # MLflow stores NaN and clamps +-inf, so the values are kept (a diverged loss is worth
@@ -537,6 +602,7 @@ class JobTracker:
         ts = now_ms()
         for row in rows:
             row[2] = ts
+        self._flush_pending()
         self._writer.submit({"op": "log_batch", "ref": "parent", "metrics": rows})
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
@@ -547,6 +613,7 @@ class JobTracker:
         if spool is None:
             return
         rel = spool.stage_artifact(path)
+        self._flush_pending()
         self._writer.submit({"op": "log_artifact", "ref": "parent", "path": rel, "artifact_path": artifact_path})
 
     def throughput(self) -> float | None:
@@ -595,9 +662,12 @@ def open_job_tracker(
     world: World,
     gather: Callable[[np.ndarray], Any],
     broadcast_object: Callable[[object], object],
+    gather_async: Callable[[np.ndarray], Callable[[], Any]] | None = None,
 ) -> JobTracker | NullJobTracker:
     """The tracker for this rank. ``gather(vec)`` must be an allgather returning ``[size, k]``
-    (rank order); ``broadcast_object(obj)`` returns rank 0's ``obj`` on every rank."""
+    (rank order); ``broadcast_object(obj)`` returns rank 0's ``obj`` on every rank;
+    ``gather_async(vec)``, optional, starts the same allgather and returns a function waiting
+    for its result (the intervals' gathers then overlap training)."""
     if not config.enabled:
         return NullJobTracker()
     _validate(config, world)
@@ -612,7 +682,7 @@ def open_job_tracker(
         return SpoolWriter(spool, uri, keep_spool=config.keep_spool)
 
     writer = rank_zero(world.rank, make_writer, default=NullWriter())
-    return JobTracker(config, world, gather, broadcast_object, writer, job_id)
+    return JobTracker(config, world, gather, broadcast_object, writer, job_id, gather_async=gather_async)
 
 
 __all__ = ["JobTracker", "NullJobTracker", "TrackingConfig", "World", "open_job_tracker"]

@@ -1,0 +1,74 @@
+"""Horovod (through hvdkit) against PyTorch DDP: same model, data, batch, threads, np=2, Gloo.
+
+* ``hvdkit``  ``hvdkit run RECIPE -np 2 --no-track`` (Horovod's DistributedOptimizer, Gloo
+  controller and CPU ops, default knobs)
+* ``ddp``     ``bench.ddp_train``: ``DistributedDataParallel`` with the gloo backend, two
+  processes with env initialisation, the same loop structure (see that module)
+* ``hvdkit-spin`` (communication-bound case only) hvdkit with ``HVDKIT_POLL_SLEEP_US=0``:
+  Horovod's own spinning ``synchronize()``, i.e. hvdkit before its sleeping wait; kept so the
+  effect of that fix is re-measured on every run.
+
+Tracking is off on both sides (its cost is the tracking bench's subject).
+"""
+
+from __future__ import annotations
+
+from bench import _common as C
+
+BENCH = "ddp"
+
+
+def cases(quick: bool) -> dict[str, dict]:
+    mlp = ["eval.enabled=false", f"model.hidden={C.MLP136K_HIDDEN}".replace(" ", "")]
+    if quick:
+        return {"mlp136k": {"recipe": C.RECIPES / "digits.yaml", "overrides": [*mlp, "steps=100"],
+                            "variants": ("hvdkit", "ddp")}}
+    return {
+        "mlp136k": {"recipe": C.RECIPES / "digits.yaml", "overrides": [*mlp, "steps=1500"],
+                    "variants": ("hvdkit", "ddp", "hvdkit-spin"),
+                    "what": f"communication-bound: digits MLP {C.MLP136K_HIDDEN}, {C.mlp_params(64, C.MLP136K_HIDDEN, 10):,} params"},
+        "synthetic": {"recipe": C.RECIPES / "synthetic.yaml", "overrides": ["steps=30"], "variants": ("hvdkit", "ddp"),
+                      "what": "compute-bound: small ResNet on synthetic images"},
+    }
+
+
+def run(quick: bool = False, reps: int | None = None) -> list[dict]:
+    out = []
+    for name, case in cases(quick).items():
+        r = reps or (1 if quick else (5 if name == "mlp136k" else 3))
+        out += _run_case(name, case, r)
+    return out
+
+
+def _one(variant: str, case: dict) -> C.JobResult:
+    if variant == "ddp":
+        return C.run_ddp_job(2, case["recipe"], case["overrides"])
+    env = C.job_env(HVDKIT_POLL_SLEEP_US="0") if variant == "hvdkit-spin" else C.job_env()
+    return C.run_job(C.hvdkit_cmd(case["recipe"], 2, case["overrides"]), env=env, what=f"{variant} job")
+
+
+def _run_case(name: str, case: dict, reps: int) -> list[dict]:
+    variants = case["variants"]
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    ratios: dict[str, list[float]] = {f"{v}/ddp": [] for v in variants if v != "ddp"}
+    for rnd in range(reps):
+        got = {}
+        for v in C.rotated(variants, rnd):
+            res = _one(v, case)
+            got[v] = res.samples_per_sec
+            rates[v].append(res.samples_per_sec)
+            C.emit({"bench": BENCH, "kind": "measurement", "model": name, "variant": v, "round": rnd, "np": 2,
+                    "samples_per_sec": res.samples_per_sec, "train_s": res.summary.get("seconds"),
+                    "wall_s": round(res.wall_s, 3)})
+        for key in ratios:
+            ratios[key].append(got[key.split("/")[0]] / got["ddp"])
+        C.note(f"ddp {name} round {rnd}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()))
+    out = [C.result(BENCH, f"{name} np=2 samples/s [{v}]", rates[v], unit="samples/s", model=name, variant=v)
+           for v in variants]
+    for key, vals in ratios.items():
+        if key == "hvdkit/ddp":
+            out.append(C.result(BENCH, f"{name} hvdkit/ddp", vals, goal=">= 1.0", check=lambda m: m >= 1.0,
+                                model=name, ratio=key))
+        else:
+            out.append(C.result(BENCH, f"{name} {key}", vals, goal="(before the fix)", model=name, ratio=key))
+    return out

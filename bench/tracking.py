@@ -1,0 +1,85 @@
+"""Tracking overhead: the same recipe at np=2 without tracking, with hvdkit's tracking, and with
+naive per-step ``mlflow.log_metric`` calls on rank 0.
+
+* ``none``   ``hvdkit run ... --no-track``
+* ``hvdkit`` ``hvdkit run ...`` into a fresh sqlite store (parent + per-rank child runs, every
+  rank's numbers gathered every ``log.every_steps`` and written by rank 0's background writer)
+* ``naive``  ``bench.naive_train`` under the same launcher: hvdkit's loop and backend, rank 0
+  calling ``mlflow.log_metric`` for 3 metrics every step, synchronously (the integration most
+  training scripts have; Accelerate's MLflow tracker measured 0.12 / 0.96 here)
+
+Throughput is the Summary's measured samples/s (each rank's own rate, summed). Ratios are
+paired within a round (see ``_common``).
+"""
+
+from __future__ import annotations
+
+from bench import _common as C
+
+BENCH = "tracking"
+VARIANTS = ("none", "hvdkit", "naive")
+
+
+def cases(quick: bool) -> dict[str, dict]:
+    # steps: long enough that a run's rate is not its warm-up, short enough for the 20 min budget.
+    # The naive variant is ~10x slower on the fast-step recipe: it runs fewer steps (its rate is
+    # per sample, measured the same way; a 300-step run at ~30 ms/step has no warm-up to speak of).
+    if quick:
+        return {"digits": {"recipe": C.RECIPES / "digits.yaml", "steps": 200, "naive_steps": 60,
+                           "overrides": ["eval.enabled=false"]}}
+    return {
+        "digits": {"recipe": C.RECIPES / "digits.yaml", "steps": 2000, "naive_steps": 400,
+                   "overrides": ["eval.enabled=false"], "what": "fast step (~1-3 ms): MLP [256,128] on digits"},
+        "synthetic": {"recipe": C.RECIPES / "synthetic.yaml", "steps": 30, "naive_steps": 30,
+                      "overrides": [], "what": "slow step (~0.3 s): small ResNet on synthetic 32x32 images"},
+    }
+
+
+def run(quick: bool = False, reps: int | None = None) -> list[dict]:
+    reps = reps or (1 if quick else 5)
+    out = []
+    for name, case in cases(quick).items():
+        r = reps if (quick or name == "digits") else max(3, reps - 2)
+        out += _run_case(name, case, r)
+    return out
+
+
+def _run_case(name: str, case: dict, reps: int) -> list[dict]:
+    recipe, steps = case["recipe"], case["steps"]
+    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    ratios: dict[str, list[float]] = {"hvdkit/none": [], "naive/none": []}
+    with C.TempStore("tracking") as hv_store, C.TempStore("naive") as naive_store:
+        for rnd in range(reps):
+            got: dict[str, float] = {}
+            for variant in C.rotated(VARIANTS, rnd):
+                res = _run_variant(variant, recipe, case, hv_store.uri, naive_store.uri)
+                got[variant] = res.samples_per_sec
+                rates[variant].append(res.samples_per_sec)
+                C.emit({"bench": BENCH, "kind": "measurement", "recipe": name, "variant": variant, "round": rnd,
+                        "np": 2, "steps": case["naive_steps"] if variant == "naive" else steps,
+                        "samples_per_sec": res.samples_per_sec, "train_s": res.summary.get("seconds"),
+                        "wall_s": round(res.wall_s, 3)})
+            ratios["hvdkit/none"].append(got["hvdkit"] / got["none"])
+            ratios["naive/none"].append(got["naive"] / got["none"])
+            C.note(f"tracking {name} round {rnd}: hvdkit/none {ratios['hvdkit/none'][-1]:.3f} "
+                   f"naive/none {ratios['naive/none'][-1]:.3f}")
+    res = []
+    for v in VARIANTS:
+        res.append(C.result(BENCH, f"{name} np=2 samples/s [{v}]", rates[v], unit="samples/s", recipe=name, variant=v))
+    res.append(C.result(BENCH, f"{name} hvdkit/none", ratios["hvdkit/none"], goal=">= 0.99", check=lambda m: m >= 0.99,
+                        recipe=name, ratio="hvdkit/none"))
+    res.append(C.result(BENCH, f"{name} naive/none", ratios["naive/none"], goal="(reference)", recipe=name,
+                        ratio="naive/none"))
+    return res
+
+
+def _run_variant(variant: str, recipe, case: dict, hv_uri: str, naive_uri: str) -> C.JobResult:
+    if variant == "naive":
+        overrides = [*case["overrides"], f"steps={case['naive_steps']}", *C.QUIET]
+        cmd = C.horovodrun_cmd(2, [C.PY, "-m", "bench.naive_train", str(recipe), *overrides])
+        env = C.job_env(MLFLOW_TRACKING_URI=naive_uri, MLFLOW_EXPERIMENT_NAME="bench-naive")
+        return C.run_job(cmd, env=env, what="naive tracking job")
+    overrides = [*case["overrides"], f"steps={case['steps']}"]
+    cmd = C.hvdkit_cmd(recipe, 2, overrides, track=variant == "hvdkit")
+    env = C.job_env(MLFLOW_TRACKING_URI=hv_uri, MLFLOW_EXPERIMENT_NAME="bench-hvdkit")
+    return C.run_job(cmd, env=env, what=f"{variant} tracking job")
