@@ -38,6 +38,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (JSON lines + a table; ratios measured side by side): see docs/benchmarks.md.
+bench: setup
+	$(BIN)/python -m bench all
+
 lint: $(STAMP)
 	$(BIN)/hadolint docker/Dockerfile.*
 
