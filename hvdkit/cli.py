@@ -192,35 +192,5 @@ def scale(recipe, np_list, framework, hosts, hostfile, controller, timeline, aut
         sys.exit(130 if res.status == "KILLED" else 1)
 
 
-_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch")
-
-
-@main.command("bench")
-@click.argument("name", type=click.Choice(_BENCHES))
-@click.option("--quick", is_flag=True, help="smoke test: tiny sizes, one round (behaviour, not timings)")
-@click.option("--reps", type=int, default=None, help="rounds per ratio (default: each bench's own)")
-@click.option("--full", is_flag=True, help="also the long variants (writer: MLflow server with all 512 child runs)")
-def bench_cmd(name, quick, reps, full) -> None:
-    """Run a benchmark of the source checkout's bench/ (tracking overhead, scaling, Horovod vs
-    DDP, tracking writer throughput, launch overhead): JSON lines on stdout, then a table.
-    Same as ``python -m bench NAME``; docs/benchmarks.md has the latest numbers."""
-    import os
-    import subprocess
-    from pathlib import Path
-
-    from hvdkit.errors import UsageError
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "__main__.py").is_file():
-        raise UsageError(f"no bench/ next to {root / 'hvdkit'} (an installed hvdkit ships without it)",
-                         fix="run hvdkit bench from a source checkout (pip install -e .)")
-    if reps is not None and reps < 1:
-        raise UsageError(f"--reps {reps} must be at least 1", fix="pass --reps 1 or more")
-    cmd = [sys.executable, "-m", "bench", name, *(["--quick"] if quick else []), *(["--reps", str(reps)] if reps else []),
-           *(["--full"] if full else [])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
-    sys.exit(subprocess.call(cmd, cwd=root, env=env))
-
-
 if __name__ == "__main__":
     main()

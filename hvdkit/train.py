@@ -122,7 +122,7 @@ def _exit(rc: int) -> None:
     """
     import threading
 
-    if (__name__ != "__main__"
+    if (__name__ != "__main__" or os.environ.get("XNOFASTEXIT")
             or any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate())):
         sys.exit(rc)
     import atexit
@@ -163,7 +163,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id)
     config.baseline_run_id = baseline
     tracker = open_job_tracker(config, world, gather=backend.gather, broadcast_object=backend.broadcast_object,
-                               gather_async=getattr(backend, "gather_async", None))
+                               gather_async=None if os.environ.get("XSYNCGATHER") else getattr(backend, "gather_async", None))
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = "FAILED"
     try:
