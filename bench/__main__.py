@@ -1,9 +1,10 @@
-"""``python -m bench {all,tracking,scaling,ddp,writer,launch} [--quick] [--reps N]``."""
+"""``python -m bench {all,tracking,scaling,ddp,writer,launch} [--quick] [--reps N] [--full]``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 
@@ -17,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", choices=("all", *BENCHES), help="which bench (all: every one, in order)")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, one round")
     ap.add_argument("--reps", type=int, default=None, help="rounds per ratio (default: each bench's own)")
+    ap.add_argument("--full", action="store_true",
+                    help="also the long variants (writer: the MLflow server with all 512 child runs, ~8 min more)")
     args = ap.parse_args(argv)
     names = BENCHES if args.name == "all" else (args.name,)
     t0 = time.perf_counter()
@@ -26,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         C.note(f"--- {name}{' (quick)' if args.quick else ''}")
         t = time.perf_counter()
         try:
-            importlib.import_module(f"bench.{name}").run(quick=args.quick, reps=args.reps)
+            fn = importlib.import_module(f"bench.{name}").run
+            extra = {"full": True} if args.full and "full" in inspect.signature(fn).parameters else {}
+            fn(quick=args.quick, reps=args.reps, **extra)
         except C.JobFailed as exc:  # one bench's failure must not hide the others' numbers
             failed.append(name)
             C.emit({"bench": name, "kind": "error", "error": str(exc)})
