@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -121,10 +122,13 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
     t0 = time.perf_counter()
     # launch_job, not L.launch: it also settles the runs' status by job id when the job did not
     # succeed (rank 0 cannot tell a peer's failure from an interrupt: both reach it as SIGTERM).
-    rc = launch_job(cmd, L.worker_env(opts), track=not no_track, experiment=experiment).rc
-    if rc != 0:
-        click.echo(f"hvdkit: horovodrun exited with {rc} after {time.perf_counter() - t0:.1f}s", err=True)
-    sys.exit(rc)
+    out = launch_job(cmd, L.worker_env(opts), track=not no_track, experiment=experiment)
+    if out.status == "KILLED":
+        click.echo(f"hvdkit: job interrupted ({signal.Signals(out.signal).name}) after {time.perf_counter() - t0:.1f}s", err=True)
+        sys.exit(130)
+    if out.rc != 0:
+        click.echo(f"hvdkit: horovodrun exited with {out.rc} after {time.perf_counter() - t0:.1f}s", err=True)
+    sys.exit(out.rc)
 
 
 @main.command()
@@ -190,6 +194,36 @@ def scale(recipe, np_list, framework, hosts, hostfile, controller, timeline, aut
     if res.status != "FINISHED":
         click.echo(f"hvdkit: sweep {res.status}: {res.message}", err=True)
         sys.exit(130 if res.status == "KILLED" else 1)
+
+
+_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch")
+
+
+@main.command("bench")
+@click.argument("name", type=click.Choice(_BENCHES))
+@click.option("--quick", is_flag=True, help="smoke test: tiny sizes, one round (behaviour, not timings)")
+@click.option("--reps", type=int, default=None, help="rounds per ratio (default: each bench's own)")
+@click.option("--full", is_flag=True, help="also the long variants (writer: MLflow server with all 512 child runs)")
+def bench_cmd(name, quick, reps, full) -> None:
+    """Run a benchmark of the source checkout's bench/ (tracking overhead, scaling, Horovod vs
+    DDP, tracking writer throughput, launch overhead): JSON lines on stdout, then a table.
+    Same as ``python -m bench NAME``; docs/benchmarks.md has the latest numbers."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from hvdkit.errors import UsageError
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__main__.py").is_file():
+        raise UsageError(f"no bench/ next to {root / 'hvdkit'} (an installed hvdkit ships without it)",
+                         fix="run hvdkit bench from a source checkout (pip install -e .)")
+    if reps is not None and reps < 1:
+        raise UsageError(f"--reps {reps} must be at least 1", fix="pass --reps 1 or more")
+    cmd = [sys.executable, "-m", "bench", name, *(["--quick"] if quick else []), *(["--reps", str(reps)] if reps else []),
+           *(["--full"] if full else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
+    sys.exit(subprocess.call(cmd, cwd=root, env=env))
 
 
 if __name__ == "__main__":

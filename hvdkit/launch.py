@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,33 +139,128 @@ def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: li
     return cmd
 
 
-def run_forwarding(cmd: Sequence[str], env: dict[str, str]) -> tuple[int, int | None]:
-    """Run ``cmd`` in its own process group, forward SIGINT/SIGTERM to it (horovodrun then
-    SIGTERMs every worker once), and report which signal, if any, we received: that is what
-    tells an interrupted job (KILLED) from a failed one (FAILED) -- both exit non-zero."""
+# How long local workers get to end their runs after a Ctrl-C before horovodrun is told too.
+STOP_GRACE_S = 20.0
+
+
+def _local_workers(pid: int) -> list:
+    """The ``hvdkit.train`` processes under launcher ``pid`` (local ranks; remote ones sit behind ssh)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in procs:
+        try:
+            if "hvdkit.train" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
+def _rank_of(proc) -> int | None:
+    try:
+        env = proc.environ()
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
+        return None
+    for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return None
+
+
+def _terminate(procs) -> None:
+    for p in procs:
+        try:
+            p.terminate()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+
+
+def _alive(proc) -> bool:
+    try:
+        return proc.is_running() and proc.status() != "zombie"
+    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess and friends: gone
+        return False
+
+
+class _GracefulStop:
+    """What the launcher does after a Ctrl-C/SIGTERM, one poll at a time (see run_forwarding)."""
+
+    def __init__(self, pid: int, signum: int, grace_s: float) -> None:
+        self.pid, self.signum = pid, signum
+        self.deadline = time.monotonic() + grace_s
+        self.forwarded = False
+        workers = _local_workers(pid)
+        # Rank 0 first: it writes the runs. Peers stopped at the same time would exit first and
+        # horovodrun would then SIGSTOP/SIGKILL rank 0 in the middle of its flush.
+        self.first = [w for w in workers if _rank_of(w) == 0] or workers
+        self.rest_stopped = self.first is workers
+        _terminate(self.first)
+
+    def poll(self) -> None:
+        if self.forwarded:
+            return
+        if not self.rest_stopped and not any(_alive(w) for w in self.first):
+            self.rest_stopped = True
+            _terminate(_local_workers(self.pid))
+        if time.monotonic() >= self.deadline or (self.rest_stopped and not _local_workers(self.pid)):
+            self.forward()
+
+    def forward(self) -> None:
+        self.forwarded = True
+        _killpg(self.pid, self.signum)
+
+
+def run_forwarding(cmd: Sequence[str], env: dict[str, str], *, grace_s: float = STOP_GRACE_S) -> tuple[int, int | None]:
+    """Run ``cmd`` (horovodrun) in its own process group and stop it cleanly on SIGINT/SIGTERM;
+    report which signal, if any, we received: that tells an interrupted job (KILLED) from a
+    failed one (FAILED), whatever exit code horovodrun returns.
+
+    Why not just forward the signal: on a signal horovodrun (0.28.1, Gloo) SIGSTOPs each worker
+    and SIGKILLs it 5 s later, so no rank ends its run or flushes its last metrics; and its
+    middleman can reap the killed worker before its own ``wait()``, which then reports exit 0
+    (a Ctrl-C'd job "succeeded"). So the first signal SIGTERMs the local workers, rank 0 first
+    (each ends its runs KILLED, rank 0 flushes), and horovodrun gets the signal once they are
+    gone or after ``grace_s``; a second signal forwards at once.
+    """
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     received: list[int] = []
 
-    def forward(signum, _frame):
+    def on_signal(signum, _frame):
         received.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop: _GracefulStop | None = None
     try:
         while True:
             try:
-                rc = proc.wait()
+                rc = proc.wait(timeout=0.2)
                 break
+            except subprocess.TimeoutExpired:
+                pass
             except KeyboardInterrupt:  # a handler installed by someone else raced ours; keep waiting
                 continue
+            if received:
+                if stop is None:
+                    stop = _GracefulStop(proc.pid, received[0], grace_s)
+                if len(received) > 1 and not stop.forwarded:
+                    stop.forward()
+                stop.poll()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     return rc, (received[0] if received else None)
 
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
 
 
 SSH_CHECK_TIMEOUT_S = 10

@@ -121,9 +121,10 @@ def launch_job(cmd: Sequence[str], env: dict[str, str], *, track: bool = True, e
     env = dict(env)
     env[keys.ENV_JOB_ID] = job_id
     rc, sig = run_forwarding(cmd, env)
-    status = "FINISHED" if rc == 0 else "KILLED" if sig is not None else "FAILED"
+    # A signal decides: horovodrun can exit 0 after a Ctrl-C (see run_forwarding).
+    status = "KILLED" if sig is not None else "FINISHED" if rc == 0 else "FAILED"
     settled: tuple[str, ...] = ()
-    if track and rc != 0:
+    if track and status != "FINISHED":
         settled = settle_job_status(job_id, status, experiment=experiment, tracking_uri=tracking_uri)
         if settled:
             print(f"hvdkit: job {job_id} {status} (horovodrun exited with {rc}): "

@@ -21,8 +21,14 @@ class _Killed(BaseException):
     """SIGTERM/SIGINT: unwinds the training loop so the run ends as KILLED, not RUNNING."""
 
 
-def _on_signal(signum, _frame):
-    raise _Killed(signal.Signals(signum).name)
+def _stop_handler(rank: int):
+    from hvdkit.tracking._rank import stagger_peer_exit
+
+    def on_signal(signum, _frame):
+        stagger_peer_exit(rank)  # rank 0 first: it records the job KILLED, not "a peer failed"
+        raise _Killed(signal.Signals(signum).name)
+
+    return on_signal
 
 
 # Set by benchmarks (bench/): rank 0 writes the Summary and wall-clock marks of the run's phases
@@ -122,7 +128,7 @@ def _exit(rc: int) -> None:
     """
     import threading
 
-    if (__name__ != "__main__" or os.environ.get("XNOFASTEXIT")
+    if (__name__ != "__main__"
             or any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate())):
         sys.exit(rc)
     import atexit
@@ -163,8 +169,8 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id)
     config.baseline_run_id = baseline
     tracker = open_job_tracker(config, world, gather=backend.gather, broadcast_object=backend.broadcast_object,
-                               gather_async=None if os.environ.get("XSYNCGATHER") else getattr(backend, "gather_async", None))
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+                               gather_async=getattr(backend, "gather_async", None))
+    previous = {sig: signal.signal(sig, _stop_handler(backend.rank)) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = "FAILED"
     try:
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,

@@ -225,7 +225,7 @@ def test_autolog_runs_end_killed_on_interrupt(tmp_path):
             proc.wait()
     runs, parents, children = _layout(client)
     assert len(runs) == 3
-    assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs] + out[-30:]
 
 
 @pytest.mark.parametrize(

@@ -316,10 +316,13 @@ def test_sigint_to_hvdkit_run_ends_every_run_killed(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     reader.join(10)
-    assert rc != 0
+    assert rc == 130, out[-20:]
     runs = job_runs(client)
     assert len(runs) == 3
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs] + out[-20:]
+    # The workers ended their runs themselves (hvdkit run SIGTERMs them before horovodrun, which
+    # would SIGSTOP/SIGKILL them): the launcher had nothing left to settle.
+    assert not [line for line in out if "marked KILLED" in line], out[-20:]
 
 
 def test_settle_job_status_moves_only_unfinished_runs(tmp_path):

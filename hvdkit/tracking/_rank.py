@@ -37,6 +37,24 @@ def rank_zero_only(rank: int) -> Callable[[F], F]:
     return deco
 
 
+# How long a rank other than 0 lingers after a stop signal before it exits.
+PEER_EXIT_DELAY_S = 0.5
+
+
+def stagger_peer_exit(rank: int) -> None:
+    """On a stop signal, let rank 0 leave first.
+
+    horovodrun stops a job by SIGTERMing every rank at once. A peer that exits at once breaks
+    the collective rank 0 is blocked in, and rank 0 then sees "a peer failed" a few ms before its
+    own SIGTERM, recording FAILED for a Ctrl-C. Half a second is far inside horovodrun's 5 s
+    grace and enough for rank 0 to act on its own signal; rank 0 itself never waits.
+    """
+    if rank != 0:
+        import time
+
+        time.sleep(PEER_EXIT_DELAY_S)
+
+
 class NullWriter:
     """What non-zero ranks get instead of a SpoolWriter."""
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from hvdkit.errors import FrameworkMissingError, HvdkitError, UsageError
 from hvdkit.tracking import keys
+from hvdkit.tracking._rank import stagger_peer_exit
 
 log = logging.getLogger("hvdkit.tracking")
 
@@ -70,6 +71,7 @@ class AutologSession:
         self._finished = False
         self._prev_excepthook = None
         self._prev_sigterm = None
+        self._exiting = False  # the script is over (an exception escaped, or atexit): a signal only sets KILLED
 
     @property
     def run_id(self) -> str | None:
@@ -135,16 +137,23 @@ class AutologSession:
                 signal.signal(s, handler)
 
     def _excepthook(self, exc_type, exc, tb) -> None:
+        self._exiting = True
         self.status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         (self._prev_excepthook or sys.__excepthook__)(exc_type, exc, tb)
 
     def _on_sigterm(self, signum, _frame) -> None:
+        if self._exiting:
+            # The script is already ending with its status (horovodrun SIGTERMs the ranks left
+            # after one failed): raising now would only cut the exit hook short, runs RUNNING.
+            return
         # Python's default for SIGTERM is to die without running atexit: exit instead, so the
         # runs end KILLED rather than stay RUNNING.
         self.status = "KILLED"
+        stagger_peer_exit(self.adapter.rank)
         raise SystemExit(128 + signum)
 
     def _atexit(self) -> None:
+        self._exiting = True
         try:
             self.finish()
         except HvdkitError as exc:
