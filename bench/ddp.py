@@ -26,10 +26,10 @@ def cases(quick: bool) -> dict[str, dict]:
         return {"mlp136k": {"recipe": C.RECIPES / "digits.yaml", "overrides": [*mlp, "steps=100"],
                             "variants": ("hvdkit", "ddp")}}
     return {
-        "mlp136k": {"recipe": C.RECIPES / "digits.yaml", "overrides": [*mlp, "steps=1500"],
+        "mlp136k": {"recipe": C.RECIPES / "digits.yaml", "overrides": [*mlp, "steps=800"],
                     "variants": ("hvdkit", "ddp", "hvdkit-spin"),
                     "what": f"communication-bound: digits MLP {C.MLP136K_HIDDEN}, {C.mlp_params(64, C.MLP136K_HIDDEN, 10):,} params"},
-        "synthetic": {"recipe": C.RECIPES / "synthetic.yaml", "overrides": ["steps=20", "batch_size=128"],
+        "synthetic": {"recipe": C.RECIPES / "synthetic.yaml", "overrides": ["steps=12", "batch_size=128"],
                       "variants": ("hvdkit", "ddp", "hvdkit cycle 5ms"),
                       "what": "compute-bound: small ResNet on synthetic images, batch 128/rank (~0.2 s a step)"},
     }
@@ -38,7 +38,7 @@ def cases(quick: bool) -> dict[str, dict]:
 def run(quick: bool = False, reps: int | None = None) -> list[dict]:
     out = []
     for name, case in cases(quick).items():
-        r = reps or (1 if quick else (5 if name == "mlp136k" else 3))
+        r = reps or (1 if quick else 3)
         out += _run_case(name, case, r)
     return out
 

@@ -91,8 +91,13 @@ def main(argv: list[str]) -> int:
     if out and rank == 0:
         marks["finished"] = time.time()
         _write_summary_json(out, summary, recipe, size, marks)
-    dist.destroy_process_group()
-    return 0
+    # Leave together and skip the interpreter's teardown (as hvdkit.train does): a rank that
+    # tears ProcessGroupGloo down while its peer is already gone can abort in a C++ destructor
+    # ("terminate called without an active exception"), which says nothing about the training.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

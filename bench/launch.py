@@ -27,8 +27,8 @@ def _cmd(variant: str, steps: int) -> list[str]:
 
 
 def run(quick: bool = False, reps: int | None = None) -> list[dict]:
-    reps = reps or (1 if quick else 5)
-    steps = 20 if quick else 100
+    reps = reps or (1 if quick else 3)
+    steps = 20 if quick else 50
     first: dict[str, list[float]] = {v: [] for v in VARIANTS}
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     phases: dict[str, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in VARIANTS}

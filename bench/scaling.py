@@ -13,7 +13,8 @@ Two models, each with Horovod's default knobs and with tuned ones:
   allreduce: ``batch_size=128``, so 4x fewer allreduces per sample; the global batch grows 4x,
   which changes the optimisation; the LR would have to follow).
 
-Fusion threshold is not varied: hvdkit allreduces all gradients as one group per step, far
+The cycle time is not varied for the MLP (0.1 to 2.5 ms measured within noise of 1 ms, 5 ms
+worse; docs/benchmarks.md). Fusion threshold is not varied either: hvdkit allreduces all gradients as one group per step, far
 below the 128 MB default buffer, so the threshold never splits anything here.
 """
 
@@ -32,10 +33,10 @@ def cases(quick: bool) -> dict[str, dict]:
                                          "np=2 tuned": (2, [], ["horovod.backward_passes_per_step=4", "batch_size=128",
                                                                 "steps=25"])},
                             "tuned": "np=2 tuned"}}
-    steps = 1000
+    steps = 600
     return {
         "synthetic": {
-            "recipe": C.RECIPES / "synthetic.yaml", "base": ["steps=20", "batch_size=128"],
+            "recipe": C.RECIPES / "synthetic.yaml", "base": ["steps=12", "batch_size=128"],
             "variants": {"np=1": (1, [], []), "np=2 default": (2, [], []),
                          "np=2 cycle 5ms": (2, ["--cycle-time-ms", "5"], [])},
             "tuned": "np=2 cycle 5ms", "goal": 0.95,
@@ -45,7 +46,6 @@ def cases(quick: bool) -> dict[str, dict]:
             "recipe": C.RECIPES / "digits.yaml", "base": [*mlp, f"steps={steps}"],
             "variants": {"np=1": (1, [], []), "np=2 default": (2, [], []),
                          "np=2 fp16": (2, [], ["horovod.compression=fp16"]),
-                         "np=2 cycle 0.5ms": (2, ["--cycle-time-ms", "0.5"], []),
                          "np=2 bpps=4": (2, [], ["horovod.backward_passes_per_step=4", "batch_size=128",
                                                  f"steps={steps // 4}"])},
             "tuned": "np=2 bpps=4",

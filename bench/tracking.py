@@ -28,19 +28,19 @@ def cases(quick: bool) -> dict[str, dict]:
         return {"digits": {"recipe": C.RECIPES / "digits.yaml", "steps": 200, "naive_steps": 60,
                            "overrides": ["eval.enabled=false"]}}
     return {
-        "digits": {"recipe": C.RECIPES / "digits.yaml", "steps": 2000, "naive_steps": 400,
+        "digits": {"recipe": C.RECIPES / "digits.yaml", "steps": 1000, "naive_steps": 200,
                    "overrides": ["eval.enabled=false"], "what": "fast step (~1-3 ms): MLP [256,128] on digits"},
         # batch 128: ~0.2 s a step here (batch 32 is ~50 ms on this CPU), the slow-step regime.
-        "synthetic": {"recipe": C.RECIPES / "synthetic.yaml", "steps": 20, "naive_steps": 20,
+        "synthetic": {"recipe": C.RECIPES / "synthetic.yaml", "steps": 12, "naive_steps": 12,
                       "overrides": ["batch_size=128"], "what": "slow step (~0.2 s): small ResNet, synthetic 32x32, batch 128"},
     }
 
 
 def run(quick: bool = False, reps: int | None = None) -> list[dict]:
-    reps = reps or (1 if quick else 5)
+    reps = reps or (1 if quick else 4)
     out = []
     for name, case in cases(quick).items():
-        r = reps if (quick or name == "digits") else max(3, reps - 2)
+        r = reps if (quick or name == "digits") else max(3, reps - 1)
         out += _run_case(name, case, r)
     return out
 

@@ -202,12 +202,17 @@ def _sshd_as(pw: pwd.struct_passwd, tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "HVDKIT_HOME": str(REPO), "SSHD_PORT": str(port),
+    # The image's files, copied where the unprivileged user can read them whatever the checkout's
+    # own permissions (a clone under a 0700 directory, say).
+    repo = tmp_path / "repo"
+    shutil.copytree(DOCKER, repo / "docker")
+    repo.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "HVDKIT_HOME": str(repo), "SSHD_PORT": str(port),
            "SSH_AUTHORIZED_KEYS": str(home / "authorized_keys")}
     log = tmp_path / "sshd.log"
     with open(log, "wb") as out:
         # (runuser resets HOME to the account's own: `env` sets it back after the switch)
-        proc = subprocess.Popen(["runuser", "-u", pw.pw_name, "--", "env", f"HOME={home}", str(DOCKER / "entrypoint.sh"), "sshd",
+        proc = subprocess.Popen(["runuser", "-u", pw.pw_name, "--", "env", f"HOME={home}", str(repo / "docker" / "entrypoint.sh"), "sshd",
                                  "-o", "ListenAddress=127.0.0.1"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
