@@ -96,3 +96,26 @@ def test_python_recipe_trains(tmp_path, framework):
     assert res.returncode == 0, explain(res)
     acc = float(re.search(r"val_accuracy\s*│\s*([\d.]+)", res.stdout).group(1))
     assert acc >= 0.9
+
+
+def test_recipe_horovod_knobs_reach_horovod_and_flags_win(tmp_path, sqlite_uri):
+    """horovod.cycle_time_ms / fusion_threshold_mb in a recipe become Horovod's HOROVOD_* settings
+    in every worker before hvd.init() (the parent run records what the workers ran with); a
+    launcher flag overrides the recipe."""
+    from mlflow import MlflowClient
+
+    from conftest import worker_env
+
+    uri = sqlite_uri
+    common = ["recipes/synthetic.yaml", "-np", "2", "steps=2", "batch_size=8", "log.progress=false"]
+    res = hvdkit(["run", *common, "horovod.cycle_time_ms=7.5", "horovod.fusion_threshold_mb=2"],
+                 env=worker_env(MLFLOW_TRACKING_URI=uri))
+    assert res.returncode == 0, explain(res)
+    res = hvdkit(["run", *common, "--cycle-time-ms", "3", "horovod.cycle_time_ms=7.5"], env=worker_env(MLFLOW_TRACKING_URI=uri))
+    assert res.returncode == 0, explain(res)
+    client = MlflowClient(tracking_uri=uri)
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("hvdkit").experiment_id])
+               if "hvdkit.parent_run_id" not in r.data.tags and r.data.tags.get("hvdkit.role") != "rank"]
+    knobs = sorted((p.data.params.get("horovod_env.HOROVOD_CYCLE_TIME"), p.data.params.get("horovod_env.HOROVOD_FUSION_THRESHOLD"))
+                   for p in parents)
+    assert knobs == [("3.0", None), ("7.5", str(2 * 1024 * 1024))]  # horovodrun writes 3.0, [p.data.params for p in parents]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 Framework = Literal["torch", "tensorflow"]
 FRAMEWORKS: tuple[str, ...] = ("torch", "tensorflow")
@@ -52,6 +52,19 @@ class LRSpec(_Strict):
 class HorovodSpec(_Strict):
     compression: Literal["none", "fp16"] = "none"
     backward_passes_per_step: PositiveInt = 1
+    # Horovod's background-thread knobs, for this recipe (None: Horovod's default). A launcher
+    # flag (--cycle-time-ms, --fusion-threshold-mb) or the HOROVOD_* variable wins over these.
+    cycle_time_ms: PositiveFloat | None = None
+    fusion_threshold_mb: NonNegativeInt | None = None
+
+    def env_defaults(self) -> dict[str, str]:
+        """The HOROVOD_* variables these set, to apply before ``hvd.init()`` where unset."""
+        out = {}
+        if self.cycle_time_ms is not None:
+            out["HOROVOD_CYCLE_TIME"] = repr(float(self.cycle_time_ms))
+        if self.fusion_threshold_mb is not None:
+            out["HOROVOD_FUSION_THRESHOLD"] = str(self.fusion_threshold_mb * 1024 * 1024)
+        return out
 
 
 class EvalSpec(_Strict):

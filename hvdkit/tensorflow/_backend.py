@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hvdkit._frameworks import require
-from hvdkit.core import ArrayDataset, atomic_write, shard_eval
+from hvdkit.core import ArrayDataset, apply_horovod_knobs, atomic_write, shard_eval
 from hvdkit.recipe import Recipe
 
 tf, hvd = require("tensorflow")
@@ -37,6 +37,7 @@ class TensorFlowBackend:
 
     def __init__(self, recipe: Recipe, data: ArrayDataset, model: "keras.Model | None" = None) -> None:
         _optimizer.configure_threads(recipe.threads)  # before any TF op runs
+        apply_horovod_knobs(recipe)  # the recipe's cycle time / fusion threshold, unless set
         hvd.init()  # joins the job horovodrun started (Gloo or MPI)
         self.rank, self.size = hvd.rank(), hvd.size()
         keras.utils.set_random_seed(recipe.seed)

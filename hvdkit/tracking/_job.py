@@ -50,6 +50,10 @@ _INHERITED_TAGS = (
 )
 
 
+# Longest rank 0 waits, before training, for the child runs to exist (see _create_runs).
+CHILD_RUNS_WAIT_S = 3.0
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True
@@ -432,7 +436,13 @@ class JobTracker:
                     "start_time": ts,
                 }
             )
-        return self._writer.wait_for_run("parent", cfg.start_timeout_s)
+        run_id = self._writer.wait_for_run("parent", cfg.start_timeout_s)
+        if run_id and self._children:
+            # Let the writer also create the child runs before training starts, so their store
+            # transactions do not take CPU from the first training steps; bounded, because a
+            # server creating hundreds of child runs takes minutes and training need not wait.
+            self._writer.wait_for_run(f"rank{self._children[-1]}", CHILD_RUNS_WAIT_S)
+        return run_id
 
     def finish(self, status: str = "FINISHED") -> None:
         """Flush the last partial interval, end every run with ``status``, flush the writer.
