@@ -76,6 +76,7 @@ def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id):
         experiment=experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hvdkit",
         run_name=f"{recipe.name}-{recipe.framework}",
         log_every=log_every or recipe.log.every_steps,
+        per_rank_runs=recipe.log.per_rank_runs,
         parent_run_id=parent_run_id,
     )
 

@@ -458,3 +458,20 @@ def test_launcher_job_id_reaches_the_runs(tmp_path, monkeypatch):
     finish_all(trackers)
     runs = job_runs(MlflowClient(tracking_uri=uri))
     assert len(runs) == 3 and {r.data.tags[keys.TAG_JOB_ID] for r in runs} == {"20990101-000000-launcher"}
+
+
+@pytest.mark.horovod
+def test_recipe_per_rank_runs_samples_child_runs(tmp_path):
+    """log.per_rank_runs: k keeps a child run for every k-th rank only (what a server needs at
+    hundreds of ranks); the parent's totals still cover every rank."""
+    uri = sqlite_store(tmp_path)
+    res = hvdkit(["run", DIGITS, "-np", "2", "steps=20", "log.progress=false", "checkpoint.dir=null", "eval.enabled=false",
+                  "log.per_rank_runs=2"], cwd=tmp_path, env=worker_env(MLFLOW_TRACKING_URI=uri))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    runs = job_runs(MlflowClient(tracking_uri=uri))
+    parents = [r for r in runs if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_PARENT]
+    children = [r for r in runs if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_RANK]
+    assert len(parents) == 1 and [c.data.tags[keys.TAG_RANK] for c in children] == ["0"]
+    assert parents[0].data.tags[keys.TAG_RANK_SAMPLING] == "2"
+    assert parents[0].data.tags[keys.TAG_WORLD_SIZE] == "2"
+    assert parents[0].data.metrics[keys.SAMPLES_PER_SEC] > children[0].data.metrics[keys.SAMPLES_PER_SEC]  # both ranks

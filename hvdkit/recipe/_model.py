@@ -81,6 +81,9 @@ class CheckpointSpec(_Strict):
 class LogSpec(_Strict):
     every_steps: PositiveInt = 10
     progress: bool = True
+    # A child run per rank (true), none (false), or one for every k-th rank (k): at hundreds of
+    # ranks a tracking server takes one request per child run per interval (docs/benchmarks.md).
+    per_rank_runs: bool | PositiveInt = True
 
 
 class Recipe(_Strict):

@@ -18,20 +18,24 @@ torch, hvd = require("torch")
 
 from hvdkit.torch import _models  # noqa: E402  (needs torch, imported just above)
 
-# How the training thread waits for the gradient allreduces: 0 (the default) is Horovod's own
-# synchronize(), which spins; N > 0 polls with an N-microsecond sleep between polls instead. The
-# sleep won while each gradient had its own allreduce (the spin took the core Horovod's
-# background thread needed); since one grouped allreduce per step it loses: bench/ddp, 136k-param
-# MLP at np=2 on 2 cores, hvdkit/DDP 0.74 spinning against 0.62 sleeping 20 us.
+# How the training thread waits for the gradient allreduces: "spin" is Horovod's own
+# synchronize(); N >= 0 polls with time.sleep(N microseconds) between polls (0: only hands the GIL
+# over, e.g. to rank 0's tracking writer). Measured in bench/ (136k-param MLP, np=2 on 2 cores):
+# sleeping 20 us gave the core to Horovod's background thread while each gradient had its own
+# allreduce; since one grouped allreduce per step it loses to the spin (hvdkit/DDP 0.62 vs 0.74).
 ENV_POLL_SLEEP_US = "HVDKIT_POLL_SLEEP_US"
-_DEFAULT_POLL_SLEEP_US = 0.0
+_DEFAULT_POLL = "spin"
 
 
-def _poll_sleep_s() -> float:
+def _poll_sleep_s() -> float | None:
+    """Seconds to sleep between polls, or None for Horovod's own (spinning) synchronize()."""
+    raw = os.environ.get(ENV_POLL_SLEEP_US, _DEFAULT_POLL).strip().lower()
+    if raw in ("", "spin"):
+        return None
     try:
-        return max(0.0, float(os.environ.get(ENV_POLL_SLEEP_US, _DEFAULT_POLL_SLEEP_US))) / 1e6
+        return max(0.0, float(raw)) / 1e6
     except ValueError:
-        return _DEFAULT_POLL_SLEEP_US / 1e6
+        return None
 
 
 def _optimizer(params, spec) -> "torch.optim.Optimizer":
@@ -107,7 +111,7 @@ class TorchBackend:
     def _await_allreduces(self) -> None:
         """Block until the gradient allreduces the backward hooks started are done, sleeping
         between polls instead of spinning (see ENV_POLL_SLEEP_US)."""
-        if not self._poll_sleep:
+        if self._poll_sleep is None:
             return
         # Horovod's own map of in-flight allreduces (param or group -> (handle, ctx)); a handle is
         # None for a parameter whose allreduce synchronize() will start itself.
@@ -147,7 +151,7 @@ class TorchBackend:
 
     def _result(self, handle: int) -> "torch.Tensor":
         nap = self._poll_sleep
-        if nap:
+        if nap is not None:
             while not hvd.poll(handle):
                 time.sleep(nap)
         return hvd.synchronize(handle)
