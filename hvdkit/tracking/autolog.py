@@ -71,7 +71,7 @@ class AutologSession:
         self._finished = False
         self._prev_excepthook = None
         self._prev_sigterm = None
-        self._exiting = False  # the script is over (an exception escaped, or atexit): a signal only sets KILLED
+        self._exiting = False  # the script is over (an exception escaped, or atexit): a stop signal is ignored
 
     @property
     def run_id(self) -> str | None:
