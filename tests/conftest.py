@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench._common import job_env
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(REPO),
-        PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),  # `python` = this venv's
-    )
-    env.update(extra)
-    return env
+    """The environment of a job the tests start: the benchmarks' (this venv first on PATH, the
+    checkout importable, root allowed for Open MPI, no HOROVOD_* / MLflow store leaking in from
+    the caller's shell), plus ``extra``."""
+    return job_env(**extra)
 
 
 def horovodrun(args: list[str], np: int = 2, controller: str = "gloo", timeout: int = 300, cwd: Path | None = None,

@@ -141,8 +141,7 @@ class TorchBackend:
 
     def gather(self, vector: np.ndarray) -> np.ndarray:
         # The tracker's gather (a collective), every log_every steps; waited for like the gradients.
-        handle = hvd.allgather_async(torch.from_numpy(vector[None, :]), name="hvdkit.gather")
-        return self._result(handle).numpy()
+        return self.gather_async(vector)()
 
     def gather_async(self, vector: np.ndarray):
         """Start the tracker's allgather; returns a function that waits for the ``[size, k]`` table."""
