@@ -65,7 +65,7 @@ def doctor() -> None:
 
 def _launch_options(f):
     opts = [
-        click.option("-np", "--num-proc", "np_", type=int, default=1, show_default=True, help="number of ranks"),
+        click.option("-np", "--num-proc", "np_", type=int, default=None, help="number of ranks [default: 1; with --resume, the job's]"),
         click.option("--framework", type=click.Choice(["torch", "tensorflow"]), default=None, help="override the recipe's framework"),
         click.option("-H", "--hosts", default=None, help="host:slots,... (as horovodrun)"),
         click.option("--hostfile", default=None, help="file of `host slots=N` lines"),
@@ -91,14 +91,37 @@ def _launch_options(f):
 @click.option("--log-every", type=int, default=None, help="steps between metric gathers (default: the recipe's log.every_steps)")
 @click.option("--experiment", default=None, help="MLflow experiment (default: hvdkit)")
 @click.option("--baseline", default=None, help="np=1 run id for scaling efficiency")
+@click.option("--resume", "resume", default=None, metavar="JOB_ID|RUN_ID|last",
+              help="continue that job (its checkpoints, the same MLflow runs); a new job starts fresh")
+@click.option("--force", is_flag=True, help="with --resume: allow changing epochs, steps, eval or -np")
 @click.argument("overrides", nargs=-1)
 def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune, autotune_log,
-        fusion_threshold_mb, cycle_time_ms, ssh_port, ssh_identity_file, no_track, log_every, experiment, baseline, overrides) -> None:
+        fusion_threshold_mb, cycle_time_ms, ssh_port, ssh_identity_file, no_track, log_every, experiment, baseline,
+        resume, force, overrides) -> None:
     """Train RECIPE on NP ranks under horovodrun. OVERRIDES are key=value (e.g. optimizer.lr=0.1)."""
     from hvdkit import launch as L
+    from hvdkit.core.job import JobFolder, new_job_id, resolve_resume, slurm_requeue_spec
+    from hvdkit.errors import UsageError
     from hvdkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, list(overrides), framework=framework)
+    if force and not resume:
+        raise UsageError("--force without --resume", fix="--force only relaxes the checks of --resume JOB_ID")
+    # Which job: a new one, or (checked now, before anything starts) the one --resume names; a
+    # Slurm requeue of a batch script continues its job by itself.
+    spec = resume or slurm_requeue_spec(loaded.recipe)
+    if spec:
+        from hvdkit.tracking._resume import job_of_run, replay_earlier_spools
+
+        plan = resolve_resume(spec, loaded.recipe, np=np_, force=force, run_lookup=None if no_track else job_of_run)
+        job = plan.folder
+        np_ = np_ or plan.np or 1
+        if not no_track:
+            replay_earlier_spools(job.job_id)  # the runs to reopen must be in the store first
+        click.echo(f"hvdkit: resuming job {job.job_id} (resume {int(job.manifest.get('resumes') or 0) + 1})", err=True)
+    else:
+        job = JobFolder.for_recipe(loaded.recipe.checkpoint.dir, new_job_id())
+        np_ = np_ or 1
     opts = L.LaunchOptions(np=np_, hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
                            autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
                            cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file)
@@ -114,6 +137,8 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
         train_args += ["--experiment", experiment]
     if baseline:
         train_args += ["--baseline", baseline]
+    if spec:
+        train_args += ["--resume", job.job_id, *(["--force"] if force else [])]
     from hvdkit.scale import check_baseline, launch_job
 
     if baseline and not no_track:
@@ -122,7 +147,7 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
     t0 = time.perf_counter()
     # launch_job, not L.launch: it also settles the runs' status by job id when the job did not
     # succeed (rank 0 cannot tell a peer's failure from an interrupt: both reach it as SIGTERM).
-    out = launch_job(cmd, L.worker_env(opts), track=not no_track, experiment=experiment)
+    out = launch_job(cmd, L.worker_env(opts), track=not no_track, experiment=experiment, job=job)
     if out.status == "KILLED":
         click.echo(f"hvdkit: job interrupted ({signal.Signals(out.signal).name}) after {time.perf_counter() - t0:.1f}s", err=True)
         sys.exit(130)

@@ -22,24 +22,20 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hvdkit.errors import LaunchError, TrackingError, UsageError
 from hvdkit.launch import run_forwarding
+from hvdkit.core.job import JobFolder, new_job_id
 from hvdkit.tracking import keys
+from hvdkit.tracking._resume import job_runs
 
 # How long the launcher waits on the store to settle a job's status before giving up (a dead
 # store must not keep a finished job's launcher alive).
 SETTLE_TIMEOUT_S = 30.0
 TAG_SWEEP_NP = "hvdkit.sweep_np"  # the sweep's rank counts, e.g. "1,2,4" (sweep run)
-
-
-def new_job_id() -> str:
-    # Same shape as the tracker's own ids (sortable by start time, unique by the random part).
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
 def experiment_name(experiment: str | None) -> str:
@@ -81,15 +77,6 @@ def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
     return box[0]
 
 
-def job_runs(client, experiment: str, job_id: str) -> list:
-    """Every run (parent and children) of one job, found by its ``hvdkit.job_id`` tag."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    flt = f"tags.`{keys.TAG_JOB_ID}` = '{job_id}'"  # job ids are [0-9a-f-]: no quoting issue
-    return list(client.search_runs([exp.experiment_id], filter_string=flt, max_results=10_000))
-
-
 def settle_job_status(job_id: str, status: str, *, experiment: str | None = None, tracking_uri: str | None = None,
                       timeout: float = SETTLE_TIMEOUT_S) -> tuple[str, ...]:
     """Give the runs of job ``job_id`` the status the launcher observed. Only RUNNING runs (rank 0
@@ -115,15 +102,18 @@ def settle_job_status(job_id: str, status: str, *, experiment: str | None = None
 
 
 def launch_job(cmd: Sequence[str], env: dict[str, str], *, track: bool = True, experiment: str | None = None,
-               tracking_uri: str | None = None, job_id: str | None = None) -> JobOutcome:
-    """Run one horovodrun job (``cmd``) as job ``job_id`` and settle its runs' status afterwards."""
-    job_id = job_id or new_job_id()
+               tracking_uri: str | None = None, job_id: str | None = None, job: JobFolder | None = None) -> JobOutcome:
+    """Run one horovodrun job (``cmd``) as job ``job_id`` (or ``job``'s) and settle its runs'
+    status, and its folder's manifest, afterwards."""
+    job_id = job.job_id if job is not None else job_id or new_job_id()
     env = dict(env)
     env[keys.ENV_JOB_ID] = job_id
     rc, sig = run_forwarding(cmd, env)
     # A signal decides: horovodrun can exit 0 after a Ctrl-C (see run_forwarding).
     status = "KILLED" if sig is not None else "FINISHED" if rc == 0 else "FAILED"
     settled: tuple[str, ...] = ()
+    if job is not None and status != "FINISHED":
+        job.settle(status)
     if track and status != "FINISHED":
         settled = settle_job_status(job_id, status, experiment=experiment, tracking_uri=tracking_uri)
         if settled:
@@ -328,7 +318,8 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
             job_id = new_job_id()
             echo(f"hvdkit: sweep np={n}: job {job_id}")
             t0 = time.perf_counter()
-            out = launch_job(cmd, L.worker_env(job_opts), experiment=exp_name, tracking_uri=uri, job_id=job_id)
+            out = launch_job(cmd, L.worker_env(job_opts), experiment=exp_name, tracking_uri=uri,
+                             job=JobFolder.for_recipe(recipe.checkpoint.dir, job_id))
             row = SweepRow(n, status=out.status)
             result.rows.append(row)
             if out.status != "FINISHED":

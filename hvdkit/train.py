@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from importlib import import_module
+from pathlib import Path
 
 import click
 
@@ -68,17 +69,65 @@ def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> Non
     os.replace(tmp, path)
 
 
-def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id):
+def _experiment(experiment):
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hvdkit"
+
+
+def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job=None):
     from hvdkit.tracking import TrackingConfig
 
     return TrackingConfig(
         enabled=not no_track,
-        experiment=experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hvdkit",
+        experiment=_experiment(experiment),
         run_name=f"{recipe.name}-{recipe.framework}",
         log_every=log_every or recipe.log.every_steps,
         per_rank_runs=recipe.log.per_rank_runs,
         parent_run_id=parent_run_id,
+        job_id=job.job_id if job else None,
+        resume_runs=dict(job.manifest.get("runs") or {}) if job and job.resumed else {},
+        resumes=int(job.manifest.get("resumes") or 0) if job and job.resumed else 0,
     )
+
+
+def _open_job(recipe, backend, resume, force, track, experiment):
+    """The job this process belongs to: rank 0 decides (a new id, ``$HVDKIT_JOB_ID`` from the
+    launcher, or the checked ``--resume`` / Slurm-requeue target) and broadcasts it; an error is
+    broadcast too, so every rank exits 2 instead of hanging. A collective."""
+    from hvdkit.core.job import JobFolder, new_job_id, resolve_resume, slurm_requeue_spec
+    from hvdkit.tracking import keys
+
+    shared = None
+    if backend.rank == 0:
+        try:
+            spec = resume or slurm_requeue_spec(recipe)
+            if spec:
+                job = resolve_resume(spec, recipe, np=backend.size, force=force).folder
+                runs = dict(job.manifest.get("runs") or {})
+                if track and "parent" not in runs:  # rank 0 died before recording them
+                    from hvdkit.tracking._resume import find_job_runs
+
+                    runs = find_job_runs(job.job_id, _experiment(experiment))
+                job.update(status="RUNNING", resumes=int(job.manifest.get("resumes") or 0) + 1, runs=runs,
+                           recipe=recipe.model_dump(mode="json"), np=backend.size)
+            else:
+                job = JobFolder.for_recipe(recipe.checkpoint.dir, os.environ.get(keys.ENV_JOB_ID) or new_job_id())
+                job.update(status="RUNNING", resumes=0, recipe=recipe.model_dump(mode="json"), np=backend.size,
+                           experiment=_experiment(experiment), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+            shared = {"job_id": job.job_id, "dir": str(job.dir) if job.dir else None, "resumed": job.resumed,
+                      "manifest": job.manifest}
+        except HvdkitError as exc:
+            shared = {"error": exc.one_line()}
+    shared = backend.broadcast_object(shared)
+    if shared.get("error"):
+        raise UsageErrorFromRankZero(shared["error"])
+    return JobFolder(shared["job_id"], Path(shared["dir"]) if shared["dir"] else None, shared["resumed"],
+                     shared["manifest"] or {})
+
+
+class UsageErrorFromRankZero(HvdkitError):
+    """Rank 0's one-line error (already with its fix), raised on every rank."""
+
+    exit_code = 2
 
 
 def _params(recipe) -> dict:
@@ -100,8 +149,10 @@ def _params(recipe) -> dict:
 @click.option("--experiment", default=None)
 @click.option("--baseline", default=None)
 @click.option("--parent-run-id", default=None)
+@click.option("--resume", "resume", default=None, help="continue job JOB_ID | RUN_ID | last")
+@click.option("--force", is_flag=True, help="with --resume: allow changing epochs/steps/eval/np")
 @click.argument("overrides", nargs=-1)
-def main(recipe_path, framework, no_track, log_every, experiment, baseline, parent_run_id, overrides) -> None:
+def main(recipe_path, framework, no_track, log_every, experiment, baseline, parent_run_id, resume, force, overrides) -> None:
     from hvdkit.recipe import load_recipe
 
     try:
@@ -111,7 +162,7 @@ def main(recipe_path, framework, no_track, log_every, experiment, baseline, pare
         sys.exit(exc.exit_code)
     try:
         rc = train(loaded, no_track=no_track, log_every=log_every, experiment=experiment,
-                   baseline=baseline, parent_run_id=parent_run_id)
+                   baseline=baseline, parent_run_id=parent_run_id, resume=resume, force=force)
     except HvdkitError as exc:  # e.g. an unknown --baseline, raised on every rank by tracker.start
         click.echo(f"hvdkit.train: error: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
@@ -145,7 +196,8 @@ def _exit(rc: int) -> None:
         os._exit(rc)
 
 
-def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None) -> int:
+def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None,
+          resume=None, force=False) -> int:
     from hvdkit.core import load_builtin, print_summary, run_training
     from hvdkit.tracking import World, open_job_tracker, rank_zero
 
@@ -167,7 +219,8 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     backend = layer.make_backend(recipe, data, model)  # hvd.init() happens here
     marks["backend_ready"] = time.time()
     world = World.from_horovod_env(backend.rank, backend.size, backend.gather)  # every rank's hostname
-    config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id)
+    job = _open_job(recipe, backend, resume, force, not no_track, experiment)
+    config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job)
     config.baseline_run_id = baseline
     tracker = open_job_tracker(config, world, gather=backend.gather, broadcast_object=backend.broadcast_object,
                                gather_async=getattr(backend, "gather_async", None))
@@ -177,17 +230,19 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
                                                     "hvdkit.batch_size": str(recipe.batch_size)})
         marks["tracker_started"] = time.time()
+        if backend.rank == 0 and tracker.run_id:
+            job.update(parent_run_id=tracker.run_id, runs={**job.manifest.get("runs", {}), **tracker.run_ids()})
         threads_at_start = _thread_cpu_s() if summary_json and backend.rank == 0 else None
         progress = rank_zero(backend.rank, lambda: _progress_bar) if recipe.log.progress else None
         if getattr(recipe, "keras_fit", False) and recipe.framework == "tensorflow":
-            summary = backend.fit(recipe, tracker)
+            summary = backend.fit(recipe, tracker, job=job)
         else:
             after_step = None
             if summary_json and backend.rank == 0:
                 def after_step(step, marks=marks):
                     if "first_step" not in marks:
                         marks["first_step"] = time.time()
-            summary = run_training(backend, recipe, data, tracker, progress=progress, after_step=after_step)
+            summary = run_training(backend, recipe, data, tracker, progress=progress, after_step=after_step, job=job)
         marks["train_end"] = time.time()
         threads = {"train_start": threads_at_start, "train_end": _thread_cpu_s()} if threads_at_start else None
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
@@ -210,6 +265,9 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
             signal.signal(sig, signal.SIG_IGN)
         try:
             tracker.finish(status)
+            if backend.rank == 0:
+                done = {"steps": summary.steps} if status == "FINISHED" else {}
+                job.update(status=status, runs={**job.manifest.get("runs", {}), **tracker.run_ids()}, **done)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -69,24 +70,27 @@ def test_plain_horovodrun_runs_the_same_job(tmp_path):
                       "epochs=3", f"checkpoint.dir={tmp_path}"], np=2)
     assert res.returncode == 0, explain(res)
     assert re.search(r"val_accuracy\s*│\s*0\.9", res.stdout), res.stdout[-2000:]
-    assert (tmp_path / "ckpt-e0003.pt").is_file()
+    (job,) = tmp_path.iterdir()  # the job's own folder: <checkpoint.dir>/<job id>/
+    assert (job / "ckpt-e0003.pt").is_file() and json.loads((job / "job.json").read_text())["status"] == "FINISHED"
 
 
-def test_resume_continues_from_checkpoint(tmp_path):
+def test_a_second_job_starts_fresh(tmp_path):
+    """The same recipe run twice: two jobs, each trains every step in its own folder (an earlier
+    job's checkpoints are never inherited silently)."""
     ck = tmp_path / "ck"
-    first = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "--no-track", "epochs=2", "checkpoint.every_epochs=1",
-                    f"checkpoint.dir={ck}", "log.progress=false"])
-    assert first.returncode == 0, explain(first)
-    assert sorted(p.name for p in ck.iterdir()) == ["ckpt-e0001.pt", "ckpt-e0002.pt"]
-    second = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "--no-track", "epochs=4", "checkpoint.every_epochs=1",
-                     f"checkpoint.dir={ck}", "log.progress=false"])
-    assert second.returncode == 0, explain(second)
-    assert "resumed from" in second.stdout and "ckpt-e0002.pt" in second.stdout
-    assert re.search(r"epochs\s*│\s*4\b", second.stdout)
-    # 22 steps an epoch at np=2, batch 32: the resumed run did epochs 3 and 4 only, ending at step 88
-    assert re.search(r"steps\s*│\s*88\b", second.stdout), second.stdout
-    assert sorted(p.name for p in ck.iterdir()) == [f"ckpt-e000{i}.pt" for i in (1, 2, 3, 4)]
-    assert not list(ck.glob(".*tmp*"))  # no torn or temporary files left
+    args = ["run", "recipes/digits.yaml", "-np", "2", "--no-track", "epochs=2", "checkpoint.every_epochs=1",
+            f"checkpoint.dir={ck}", "log.progress=false"]
+    for _ in range(2):
+        res = hvdkit(args)
+        assert res.returncode == 0, explain(res)
+        assert "resumed from" not in res.stdout
+        # 22 steps an epoch at np=2, batch 32: both jobs ran all 44
+        assert re.search(r"steps\s*│\s*44\b", res.stdout), res.stdout
+    jobs = sorted(ck.iterdir())
+    assert len(jobs) == 2
+    for job in jobs:
+        assert sorted(p.name for p in job.glob("ckpt-*")) == ["ckpt-e0001.pt", "ckpt-e0002.pt"]
+        assert not list(job.glob(".*tmp*"))  # no torn or temporary files left
 
 
 @pytest.mark.parametrize("framework", ["torch", "tensorflow"])

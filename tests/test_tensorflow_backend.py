@@ -29,6 +29,7 @@ import numpy as np
 from hvdkit.recipe import Recipe
 from hvdkit.core import run_training
 from hvdkit.core.data import digits
+from hvdkit.core.job import JobFolder
 from hvdkit.tensorflow import make_backend
 
 cfg = json.loads(sys.argv[1])
@@ -46,7 +47,9 @@ data = digits(0.2, recipe.seed)
 backend = make_backend(recipe, data)
 tracker = Tracker()
 t0 = time.perf_counter()
-summary = backend.fit(recipe, tracker) if recipe.keras_fit else run_training(backend, recipe, data, tracker)
+# A job folder given directly (library use); only an explicit resume continues from its checkpoints.
+job = JobFolder.at(recipe.checkpoint.dir, resumed=cfg.get("resume", False))
+summary = backend.fit(recipe, tracker, job=job) if recipe.keras_fit else run_training(backend, recipe, data, tracker, job=job)
 wall = time.perf_counter() - t0
 # Per-variable float64 sums and sums of squares, gathered: rows must be bitwise equal across ranks.
 w = backend.model.get_weights()
@@ -69,11 +72,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_job(tmp_path: Path, recipe: dict, np_: int = 2, tag: str = "run") -> dict:
+def run_job(tmp_path: Path, recipe: dict, np_: int = 2, tag: str = "run", resume: bool = False) -> dict:
     script = tmp_path / "train_tf.py"
     script.write_text(SCRIPT)
     out = tmp_path / f"{tag}.json"
-    cfg = json.dumps({"recipe": recipe, "out": str(out)})
+    cfg = json.dumps({"recipe": recipe, "out": str(out), "resume": resume})
     if np_ == 1:
         cmd = [sys.executable, str(script), cfg]
     else:
@@ -157,11 +160,11 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, keras_fit):
     first = run_job(tmp_path, dict(base, epochs=2), tag="first")
     steps_per_epoch = first["summary"]["steps"] // 2
     assert first["summary"]["resumed_from"] is None and first["first_step"] == 1
-    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt-e0001.npz", "ckpt-e0002.npz"]
+    assert sorted(p.name for p in ckpt.glob("ckpt-*")) == ["ckpt-e0001.npz", "ckpt-e0002.npz"]
     with np.load(ckpt / "ckpt-e0002.npz") as z:
         assert json.loads(str(z["meta"])) == {"epoch": 1, "step": 2 * steps_per_epoch, "recipe": "t"}
 
-    second = run_job(tmp_path, dict(base, epochs=4), tag="second")
+    second = run_job(tmp_path, dict(base, epochs=4), tag="second", resume=True)
     s = second["summary"]
     assert s["resumed_from"].endswith("ckpt-e0002.npz")
     assert second["first_step"] == 2 * steps_per_epoch + 1  # starts at epoch 3

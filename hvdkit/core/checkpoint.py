@@ -30,10 +30,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 class CheckpointPolicy:
-    def __init__(self, directory: str | os.PathLike | None, every_epochs: int, ext: str) -> None:
+    def __init__(self, directory: str | os.PathLike | None, every_epochs: int, ext: str,
+                 on_saved: Callable[[Path, dict], None] | None = None) -> None:
         self.dir = Path(directory) if directory else None
         self.every_epochs = every_epochs
         self.ext = ext
+        self.on_saved = on_saved  # e.g. JobFolder.record_checkpoint: the manifest learns its sha256
 
     @property
     def enabled(self) -> bool:
@@ -46,6 +48,14 @@ class CheckpointPolicy:
     def path_for(self, epoch: int) -> Path:
         assert self.dir is not None
         return self.dir / f"ckpt-e{epoch + 1:04d}.{self.ext}"
+
+    def save(self, backend, epoch: int, meta: dict) -> Path:
+        """Rank 0: write the checkpoint of ``epoch`` through ``backend`` (atomically), then tell ``on_saved``."""
+        path = self.path_for(epoch)
+        backend.save_checkpoint(path, meta)
+        if self.on_saved is not None:
+            self.on_saved(path, meta)
+        return path
 
     def latest(self) -> Path | None:
         if not self.dir or not self.dir.is_dir():

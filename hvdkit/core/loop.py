@@ -19,6 +19,7 @@ import numpy as np
 
 from hvdkit.core.checkpoint import CheckpointPolicy
 from hvdkit.core.data import ArrayDataset
+from hvdkit.core.job import JobFolder
 from hvdkit.core.lr import LRSchedule
 from hvdkit.core.sharding import ShardedBatches
 from hvdkit.recipe import Recipe
@@ -81,13 +82,21 @@ def plan_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:
     return recipe.epochs or 1, (recipe.epochs or 1) * steps_per_epoch
 
 
-def resume(backend: Backend, policy: CheckpointPolicy, recipe: Recipe, summary: Summary) -> tuple[bool, int, int]:
-    """Rank 0 reads the newest checkpoint; broadcasts tell every rank whether and where to resume.
+def checkpoint_policy(recipe: Recipe, job: JobFolder | None, ext: str) -> tuple[CheckpointPolicy, JobFolder]:
+    """Checkpoints go to the job's own folder (``<checkpoint.dir>/<job id>/``). Library callers
+    that pass no job write to ``checkpoint.dir`` itself, as a fresh job (never resumed)."""
+    job = job or JobFolder.at(recipe.checkpoint.dir)
+    return CheckpointPolicy(job.dir, recipe.checkpoint.every_epochs, ext, on_saved=job.record_checkpoint), job
+
+
+def resume(backend: Backend, policy: CheckpointPolicy, job: JobFolder, summary: Summary) -> tuple[bool, int, int]:
+    """Only a resumed job continues: rank 0 reads its newest checkpoint; broadcasts tell every rank
+    whether and where to resume. A new job never inherits an earlier job's state.
 
     Returns (resumed, first epoch to run, optimizer steps already done). The caller still
     broadcasts the model/optimizer state itself (``broadcast_state`` or a Keras callback).
     """
-    latest = policy.latest() if recipe.checkpoint.resume else None
+    latest = policy.latest() if job.resumed and backend.rank == 0 else None
     resumed = bool(backend.broadcast_object(latest is not None if backend.rank == 0 else None))
     if not resumed:
         return False, 0, 0
@@ -105,16 +114,17 @@ def run_training(
     *,
     progress: Callable[[int, int], Any] | None = None,
     after_step: Callable[[int], None] | None = None,
+    job: JobFolder | None = None,
 ) -> Summary:
     rank, size = backend.rank, backend.size
     batches = ShardedBatches(len(data.x_train), recipe.batch_size, rank, size, recipe.seed)
     epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
     schedule = LRSchedule(recipe.optimizer.lr, size, recipe.lr_schedule.scale,
                           round(recipe.lr_schedule.warmup_epochs * batches.steps_per_epoch))
-    policy = CheckpointPolicy(recipe.checkpoint.dir, recipe.checkpoint.every_epochs, backend.checkpoint_ext)
+    policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
     summary = Summary()
 
-    resumed, start_epoch, step = resume(backend, policy, recipe, summary)
+    resumed, start_epoch, step = resume(backend, policy, job, summary)
     # Broadcast initial state from rank 0 so all replicas start identical (random init or resumed).
     backend.broadcast_state(resumed)
 
@@ -144,9 +154,7 @@ def run_training(
             summary.val_metrics = backend.evaluate()
             tracker.log_metrics(summary.val_metrics, step)
         if policy.due(epoch, epochs - 1) and rank == 0:
-            path = policy.path_for(epoch)
-            backend.save_checkpoint(path, {"epoch": epoch, "step": step, "recipe": recipe.name})
-            summary.checkpoint = str(path)
+            summary.checkpoint = str(policy.save(backend, epoch, {"epoch": epoch, "step": step, "recipe": recipe.name}))
         summary.epochs = epoch + 1
         if step >= total_steps:
             break

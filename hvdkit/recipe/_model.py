@@ -73,9 +73,9 @@ class EvalSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
+    # Each job writes to its own folder <dir>/<job id>/; only `hvdkit run --resume` continues one.
     dir: str | None = None  # None: no checkpoints
     every_epochs: PositiveInt = 1
-    resume: bool = True
 
 
 class LogSpec(_Strict):

@@ -26,6 +26,8 @@ import numpy as np
 
 from hvdkit._frameworks import require
 from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps, resume
+from hvdkit.core.job import JobFolder
+from hvdkit.core.loop import checkpoint_policy
 from hvdkit.errors import RecipeError
 from hvdkit.recipe import Recipe
 
@@ -263,9 +265,8 @@ class _Progress(keras.callbacks.Callback):
                 self.tracker.log_metrics(self.val_metrics, self.step)
         done = self.step >= self.total_steps
         if self.policy.due(epoch, epoch if done else last) and self.backend.rank == 0:
-            path = self.policy.path_for(epoch)
-            self.backend.save_checkpoint(path, {"epoch": epoch, "step": self.step, "recipe": self.recipe.name})
-            self.checkpoint = str(path)
+            meta = {"epoch": epoch, "step": self.step, "recipe": self.recipe.name}
+            self.checkpoint = str(self.policy.save(self.backend, epoch, meta))
         self.epochs_done = epoch + 1
 
     def on_train_end(self, logs=None) -> None:
@@ -297,6 +298,7 @@ def fit_with_horovod(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 0,
     progress: Callable[[int, int], Any] | None = None,
+    job: JobFolder | None = None,
 ) -> Summary:
     """Train with ``model.fit`` on every rank; the recipe's ``keras_fit`` path.
 
@@ -320,10 +322,10 @@ def fit_with_horovod(
                           fix="with keras_fit each Keras batch is one micro-batch: make batch_size divisible")
     batches = ShardedBatches(len(data.x_train), recipe.batch_size, rank, size, recipe.seed)
     epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
-    policy = CheckpointPolicy(recipe.checkpoint.dir, recipe.checkpoint.every_epochs, backend.checkpoint_ext)
+    policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
     summary = Summary()
 
-    _, start_epoch, step = resume(backend, policy, recipe, summary)
+    _, start_epoch, step = resume(backend, policy, job, summary)
 
     bar = progress(total_steps, step) if progress else None
     micro_batch = recipe.batch_size // passes

@@ -14,8 +14,8 @@ fuller calls are what lets 512 ranks' metrics keep up.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +165,8 @@ class Applier:
             op = ev["op"]
             if op == "create_run":
                 self._create_run(ev)
+            elif op == "reopen_run":
+                self._reopen_run(ev)
             elif op == "log_batch":
                 pending.setdefault(ev["ref"], _Pending()).add(ev)
             else:
@@ -255,6 +257,14 @@ class Applier:
             if self._on_run_created is not None:
                 self._on_run_created(ref, created[0])
 
+    def _reopen_run(self, ev: Event) -> None:
+        """A resumed job's existing run: RUNNING again (its end_run comes later), and its ref mapped."""
+        ref, run_id = ev["ref"], ev["run_id"]
+        if self._guard(f"reopen_run {ref}", lambda: self.client.update_run(run_id, status="RUNNING")):
+            self.state.runs[ref] = run_id
+            if self._on_run_created is not None:
+                self._on_run_created(ref, run_id)
+
     def _log_artifact(self, ref: str, ev: Event) -> None:
         local = self.spool.dir / ev["path"]
         if not local.exists():
@@ -330,9 +340,28 @@ class Applier:
             return
         # Remote store: requests for different runs overlap their round trips. Every run's
         # requests are still sequential, and a failure anywhere leaves the cursor in place.
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="hvdkit-apply") as pool:
-            futures = [pool.submit(self._flush, ref, p) for ref, p in pending.items()]
-            errors = [f.exception() for f in futures]
-        for exc in errors:
-            if exc is not None:
-                raise exc
+        # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at
+        # exit, so a request to a dead or hung store would hold the finished job's rank 0 open
+        # after SpoolWriter.close() had given up on it.
+        items = list(pending.items())
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while True:
+                try:
+                    ref, p = items.pop()
+                except IndexError:
+                    return
+                try:
+                    self._flush(ref, p)
+                except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=work, name="hvdkit-apply-io", daemon=True)
+                   for _ in range(min(self.workers, len(items)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]

@@ -84,6 +84,12 @@ class TrackingConfig:
     # without a batch size): logged nowhere, rather than as zeros that look like measurements.
     # Skipping samples_per_sec also skips the parent's sum and scaling efficiency.
     skip_keys: frozenset[str] = frozenset()
+    # The job (hvdkit.core.job decides it on rank 0; None: $HVDKIT_JOB_ID, else a new id). On a
+    # resume, ``resume_runs`` maps refs ("parent", "rank<r>") to the job's existing MLflow runs:
+    # they are reopened (RUNNING again) instead of created, and ``resumes`` is the new count.
+    job_id: str | None = None
+    resume_runs: dict[str, str] = field(default_factory=dict)
+    resumes: int = 0
 
 
 @dataclass
@@ -273,6 +279,10 @@ class JobTracker:
         self._flush_every = max(0.0, float(config.flush_every_s))
         self._next_flush = 0.0  # monotonic time of the next hand-off; the first gather goes at once
 
+    def run_ids(self) -> dict[str, str]:
+        """Rank 0: the MLflow run id of each ref the writer has created or reopened so far."""
+        return dict(getattr(self._writer, "run_ids", {}) or {})
+
     @property
     def spool_dir(self) -> str | None:
         spool = getattr(self._writer, "spool", None)
@@ -396,7 +406,14 @@ class JobTracker:
         tags[keys.TAG_ROLE] = keys.ROLE_PARENT  # the role is ours, whatever the caller passed
         tags = clean_tags(tags)
         self._parent_tags = tags
-        submit = self._writer.submit
+        reopen = cfg.resume_runs
+
+        def submit(event: dict) -> None:
+            # A resumed job's existing runs are reopened, never created again: one training, one history.
+            if event["op"] == "create_run" and event["ref"] in reopen:
+                event = {"op": "reopen_run", "ref": event["ref"], "run_id": reopen[event["ref"]]}
+            self._writer.submit(event)
+
         submit(
             {
                 "op": "create_run",
@@ -409,7 +426,10 @@ class JobTracker:
                 "start_time": ts,
             }
         )
-        if params:
+        if cfg.resumes:
+            # Params were logged by the first start and cannot change; the resume count is a tag.
+            submit({"op": "log_batch", "ref": "parent", "metrics": [], "tags": {keys.TAG_RESUMES: str(cfg.resumes)}})
+        elif params:
             submit({"op": "log_batch", "ref": "parent", "metrics": [], "params": params, "tags": {}})
         inherited = {k: tags[k] for k in _INHERITED_TAGS if k in tags}
         local = _local_ranks(hosts)
@@ -686,10 +706,12 @@ def open_job_tracker(
     # A launcher (hvdkit run / scale) names the job itself, so that after the workers exit it can
     # find the job's runs by their job_id tag and correct a status they could not know (a rank
     # SIGTERMed by horovodrun because a peer failed records KILLED; the job FAILED).
-    job_id = (os.environ.get(keys.ENV_JOB_ID) or _new_job_id()) if world.rank == 0 else None
+    job_id = (config.job_id or os.environ.get(keys.ENV_JOB_ID) or _new_job_id()) if world.rank == 0 else None
 
     def make_writer() -> SpoolWriter:
-        spool = Spool.create(config.spool_dir, job_id or _new_job_id(), absolute_uri(uri))
+        # A resumed job writes a spool of its own (<job id>.r<n>) next to the first one's.
+        name = f"{job_id}.r{config.resumes}" if config.resumes and job_id else None
+        spool = Spool.create(config.spool_dir, job_id or _new_job_id(), absolute_uri(uri), name=name)
         return SpoolWriter(spool, uri, keep_spool=config.keep_spool)
 
     writer = rank_zero(world.rank, make_writer, default=NullWriter())

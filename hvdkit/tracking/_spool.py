@@ -17,6 +17,7 @@ one twice writes the same thing twice::
      "params": {...}, "tags": {...}}
     {"op": "log_artifact", "ref": "parent", "path": "artifacts/0/model.pt", "artifact_path": null}
     {"op": "end_run", "ref": "rank3", "status": "FINISHED", "end_time": 1700000100000}
+    {"op": "reopen_run", "ref": "parent", "run_id": "..."}   (a resumed job: RUNNING again, ref mapped)
 
 The state is per *store URI*: the same spool can be replayed into another store (the one the
 job could not reach, or a local sqlite file) without mixing up run ids.
@@ -81,8 +82,8 @@ class Spool:
 
     # -- creation / opening -------------------------------------------------------------
     @classmethod
-    def create(cls, root: str | os.PathLike[str] | None, job_id: str, tracking_uri: str) -> "Spool":
-        directory = Path(root or DEFAULT_ROOT) / job_id
+    def create(cls, root: str | os.PathLike[str] | None, job_id: str, tracking_uri: str, *, name: str | None = None) -> "Spool":
+        directory = Path(root or DEFAULT_ROOT) / (name or job_id)
         try:
             directory.mkdir(parents=True, exist_ok=False)
             (directory / EVENTS).touch()

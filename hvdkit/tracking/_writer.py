@@ -29,6 +29,14 @@ log = logging.getLogger("hvdkit.tracking")
 _STOP = object()
 _BACKOFF_START_S = 0.5
 _BACKOFF_MAX_S = 30.0
+# MLflow's REST client retries a failed request by itself: 7 times over ~4 minutes by default
+# (backoff factor 2, up to 120 s apart), each attempt waiting up to 120 s. The apply thread has
+# its own retry loop (above; the spool keeps every event meanwhile), so under it those retries
+# only add delay: a store back from an outage was seen minutes late, close() gave up while a
+# request still slept in urllib3, and a POST that urllib3 re-sent after a lost response could
+# create a run twice (our own retries find it by its spool_ref tag instead). Defaults for the
+# writer's process when the store is remote; a value the user set is kept.
+_MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,9 @@ class SpoolWriter:
         self.tracking_uri = absolute_uri(tracking_uri)
         self.keep_spool = keep_spool
         spool.lock()
+        if is_remote(self.tracking_uri):
+            for name, value in _MLFLOW_HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)  # read by MLflow at each request
         self._queue: queue.Queue[object] = queue.Queue()  # unbounded: put never blocks training
         self._cond = threading.Condition()
         self._wake = threading.Event()
@@ -81,6 +92,12 @@ class SpoolWriter:
     def healthy(self) -> bool:
         """Whether the store answered the last time the writer tried it."""
         return self._healthy
+
+    @property
+    def run_ids(self) -> dict[str, str]:
+        """ref -> MLflow run id, for the runs created or reopened so far."""
+        with self._cond:
+            return dict(self._run_ids)
 
     def wait_for_run(self, ref: str, timeout: float) -> str | None:
         """The run id of ``ref`` once created; None if the store failed first or on timeout."""

@@ -77,6 +77,7 @@ TAG_JOB_ID = "hvdkit.job_id"
 TAG_SPOOL_REF = "hvdkit.spool_ref"  # "<job_id>/<ref>": finds a run created before a crash lost its id
 TAG_RANK_SAMPLING = "hvdkit.rank_sampling"  # k when only every k-th rank has a child run
 TAG_BASELINE_RUN_ID = "hvdkit.baseline_run_id"  # the np=1 run scaling_efficiency divides by
+TAG_RESUMES = "hvdkit.resumes"  # how many times `hvdkit run --resume` continued this job (parent run)
 
 ROLE_PARENT = "parent"
 ROLE_RANK = "rank"
@@ -124,6 +125,7 @@ __all__ = [
     "TAG_LOCAL_RANK",
     "TAG_RANK",
     "TAG_RANK_SAMPLING",
+    "TAG_RESUMES",
     "TAG_RECIPE",
     "TAG_ROLE",
     "TAG_SPOOL_REF",
