@@ -24,10 +24,11 @@ pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 EPOCHS = 8
 STEPS_PER_EPOCH = 22  # digits: 1437 training samples, batch 32 per rank at np=2
 KILL_AFTER = "ckpt-e0003.pt"
-# The same training every time (same seed): a bigger MLP so that an epoch takes long enough to
-# kill a rank in the middle of the job, not after it ended.
-JOB = ["recipes/digits.yaml", "--framework", "torch", f"epochs={EPOCHS}", "checkpoint.every_epochs=1",
-       "model.hidden=[512,512]", "log.progress=false", "log.every_steps=5"]
+LOG_EVERY = 5
+# The same training every time (same seed). The kill comes within ~50 ms of the third
+# checkpoint, so five epochs are still to go.
+JOB = [str(REPO / "recipes/digits.yaml"), "--framework", "torch", f"epochs={EPOCHS}", "checkpoint.every_epochs=1",
+       "log.progress=false", f"log.every_steps={LOG_EVERY}"]
 FAILED_WITHIN_S = 30
 
 
@@ -119,13 +120,13 @@ def test_killed_rank_fails_every_run_and_keeps_the_metrics(killed):
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}, [(r.info.run_name, r.info.status) for r in runs]
     manifest = json.loads((killed["ck"] / killed["job_id"] / "job.json").read_text())
     assert manifest["status"] == "FAILED" and manifest["runs"]["parent"] == _parent(runs).info.run_id
-    # Metrics up to the last gather before the kill are in the store: at least up to the step of
-    # the third checkpoint, and the children have every step the parent has.
+    # Metrics up to the last gather before the kill are in the store: at least the gather before
+    # the third checkpoint (the kill came after it), and the children have every step the parent has.
     ckpt_step = manifest["checkpoints"][KILL_AFTER]["step"]
     assert ckpt_step == 3 * STEPS_PER_EPOCH
     client = _client(killed["uri"])
     parent_steps = [m.step for m in client.get_metric_history(_parent(runs).info.run_id, "samples_per_sec")]
-    assert max(parent_steps) >= ckpt_step and len(parent_steps) == len(set(parent_steps))
+    assert max(parent_steps) >= ckpt_step - ckpt_step % LOG_EVERY and len(parent_steps) == len(set(parent_steps))
     for r in runs:
         if r.data.tags.get("hvdkit.role") == "rank":
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss")) == sorted(parent_steps)
@@ -199,7 +200,7 @@ def test_resume_finishes_the_killed_job_in_the_same_runs(killed, reference):
 def test_digits_scaling_sweep_with_checkpoints(tmp_path):
     """The headline that failed: np=1 wrote checkpoints, np=2 "resumed" them and trained nothing."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = hvdkit(["scale", "recipes/digits.yaml", "--np", "1,2", "epochs=2", "log.progress=false",
+    res = hvdkit(["scale", str(REPO / "recipes/digits.yaml"), "--np", "1,2", "epochs=2", "log.progress=false",
                   f"checkpoint.dir={tmp_path / 'ck'}"], cwd=tmp_path, env=worker_env(MLFLOW_TRACKING_URI=uri))
     assert res.returncode == 0, explain(res)
     assert len(list((tmp_path / "ck").iterdir())) == 2  # one folder per job

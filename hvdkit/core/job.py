@@ -32,11 +32,12 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Recipe fields a resume may change, and how. Keys are dotted paths; a path covers its subfields.
+# checkpoint.dir is where the job folder is found (it may have moved), not part of the training.
 # Fields that do not change what is trained (logging, threads, Horovod's cycle/fusion knobs) may
 # always differ; the length of training and evaluation may differ with --force; everything else
 # (model, data, batch, optimizer, LR rule, seed, compression...) would make the checkpoint and the
 # runs' history describe another training, and is refused.
-FREE_FIELDS = ("log", "threads", "horovod.cycle_time_ms", "horovod.fusion_threshold_mb")
+FREE_FIELDS = ("log", "threads", "horovod.cycle_time_ms", "horovod.fusion_threshold_mb", "checkpoint.dir")
 FORCE_FIELDS = ("epochs", "steps", "eval", "checkpoint.every_epochs", "np")
 DONE = "FINISHED"
 

@@ -146,7 +146,10 @@ class TorchBackend:
     def gather_async(self, vector: np.ndarray):
         """Start the tracker's allgather; returns a function that waits for the ``[size, k]`` table."""
         handle = hvd.allgather_async(torch.from_numpy(vector[None, :]), name="hvdkit.gather")
-        return lambda: self._result(handle).numpy()
+        wait = lambda: self._result(handle).numpy()  # noqa: E731
+        # Lets a failing job keep a gather that completed before a peer died (tracker.finish).
+        wait.done = lambda: hvd.poll(handle)
+        return wait
 
     def _result(self, handle: int) -> "torch.Tensor":
         nap = self._poll_sleep

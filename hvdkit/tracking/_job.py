@@ -479,7 +479,15 @@ class JobTracker:
             self._collect_inflight()
             if self._n:
                 self._gather(self._last_step, final=True)
-        # FAILED / KILLED: an in-flight gather is abandoned, not waited for (a peer may be gone).
+        # FAILED / KILLED: an in-flight gather is never waited for (a peer may be gone), but one
+        # that already completed on every rank is kept: its metrics are the job's last ones.
+        if self._inflight is not None and self.world.rank == 0 and self._started:
+            done = getattr(self._inflight[2], "done", None)
+            try:
+                if done is not None and done():
+                    self._collect_inflight()
+            except Exception:  # noqa: BLE001 - Horovod may already be shut down: the gather is lost
+                pass
         self._inflight = None
         self._finished = True
         if self.world.rank != 0:
