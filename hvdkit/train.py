@@ -93,31 +93,43 @@ def _open_job(recipe, backend, resume, force, track, experiment):
     """The job this process belongs to: rank 0 decides (a new id, ``$HVDKIT_JOB_ID`` from the
     launcher, or the checked ``--resume`` / Slurm-requeue target) and broadcasts it; an error is
     broadcast too, so every rank exits 2 instead of hanging. A collective."""
+    shared = _decide_job(recipe, backend.size, resume, force, track, experiment) if backend.rank == 0 else None
+    return _job_from(backend.broadcast_object(shared))
+
+
+def _decide_job(recipe, np, resume, force, track, experiment) -> dict:
+    """Rank 0's part of :func:`_open_job` (no collective): the job, as a dict every rank can
+    rebuild it from, or ``{"error": one line}``. ``np`` None: an elastic job (no fixed size)."""
     from hvdkit.core.job import JobFolder, new_job_id, resolve_resume, slurm_requeue_spec
     from hvdkit.tracking import keys
 
-    shared = None
-    if backend.rank == 0:
-        try:
-            spec = resume or slurm_requeue_spec(recipe)
-            if spec:
-                job = resolve_resume(spec, recipe, np=backend.size, force=force).folder
-                runs = dict(job.manifest.get("runs") or {})
-                if track and "parent" not in runs:  # rank 0 died before recording them
-                    from hvdkit.tracking._resume import find_job_runs
+    try:
+        spec = resume or slurm_requeue_spec(recipe)
+        if spec:
+            job = resolve_resume(spec, recipe, np=np, force=force).folder
+            job.claim()  # held until this process exits: a second start of the job is refused meanwhile
+            runs = dict(job.manifest.get("runs") or {})
+            if track and "parent" not in runs:  # rank 0 died before recording them
+                from hvdkit.tracking._resume import find_job_runs
 
-                    runs = find_job_runs(job.job_id, _experiment(experiment))
-                job.update(status="RUNNING", resumes=int(job.manifest.get("resumes") or 0) + 1, runs=runs,
-                           recipe=recipe.model_dump(mode="json"), np=backend.size)
-            else:
-                job = JobFolder.for_recipe(recipe.checkpoint.dir, os.environ.get(keys.ENV_JOB_ID) or new_job_id())
-                job.update(status="RUNNING", resumes=0, recipe=recipe.model_dump(mode="json"), np=backend.size,
-                           experiment=_experiment(experiment), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
-            shared = {"job_id": job.job_id, "dir": str(job.dir) if job.dir else None, "resumed": job.resumed,
-                      "manifest": job.manifest}
-        except HvdkitError as exc:
-            shared = {"error": exc.one_line()}
-    shared = backend.broadcast_object(shared)
+                runs = find_job_runs(job.job_id, _experiment(experiment))
+            job.update(status="RUNNING", resumes=int(job.manifest.get("resumes") or 0) + 1, runs=runs,
+                       recipe=recipe.model_dump(mode="json"), np=np)
+        else:
+            job = JobFolder.for_recipe(recipe.checkpoint.dir, os.environ.get(keys.ENV_JOB_ID) or new_job_id())
+            job.claim()
+            job.update(status="RUNNING", resumes=0, recipe=recipe.model_dump(mode="json"), np=np,
+                       experiment=_experiment(experiment), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+        return {"job_id": job.job_id, "dir": str(job.dir) if job.dir else None, "resumed": job.resumed,
+                "manifest": job.manifest}
+    except HvdkitError as exc:
+        return {"error": exc.one_line()}
+
+
+def _job_from(shared: dict):
+    """The JobFolder rank 0 decided (raises its error on every rank)."""
+    from hvdkit.core.job import JobFolder
+
     if shared.get("error"):
         raise UsageErrorFromRankZero(shared["error"])
     return JobFolder(shared["job_id"], Path(shared["dir"]) if shared["dir"] else None, shared["resumed"],

@@ -224,3 +224,17 @@ def test_slurm_requeue_resumes_its_job(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     assert slurm_requeue_spec(recipe) is None
     os.environ.pop("SLURM_RESTART_COUNT", None)
+
+
+def test_resume_refuses_a_job_that_is_still_running(tmp_path):
+    """A job's rank 0 holds its folder's lock while it lives: a second start of it is refused."""
+    from hvdkit.core.job import JobFolder
+    from hvdkit.recipe import load_recipe
+
+    recipe = load_recipe(str(REPO / "recipes/digits.yaml"), [f"checkpoint.dir={tmp_path / 'ck'}"]).recipe
+    job = JobFolder.for_recipe(tmp_path / "ck", "20260101-000000-cccccccc")
+    job.claim()  # this test process plays the running rank 0
+    job.update(status="RUNNING", np=2, recipe=recipe.model_dump(mode="json"))
+    res = hvdkit(["run", str(REPO / "recipes/digits.yaml"), f"checkpoint.dir={tmp_path / 'ck'}", "--resume", "last",
+                  "--no-track"], cwd=tmp_path)
+    assert res.returncode == 2 and "is running now" in res.stderr, explain(res)

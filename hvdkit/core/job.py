@@ -28,6 +28,8 @@ from typing import Any
 from hvdkit.errors import UsageError
 
 MANIFEST = "job.json"
+LOCK = ".lock"
+_CLAIMED: dict[str, int] = {}  # folder -> lock fd held by this process
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -127,6 +129,37 @@ class JobFolder:
             raise UsageError(f"cannot write the job folder {self.dir}: {exc.strerror or exc}",
                              fix="set checkpoint.dir to a writable directory (or checkpoint.dir=null)") from None
         self.manifest = data
+
+    def claim(self) -> None:
+        """Rank 0, for the life of its process: an exclusive lock on the folder, so that a
+        ``--resume`` of a job that is still running is refused instead of training it twice."""
+        if self.dir is None:
+            return
+        import fcntl
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write the job folder {self.dir}: {exc.strerror or exc}",
+                             fix="set checkpoint.dir to a writable directory (or checkpoint.dir=null)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ResumeError(f"job {self.job_id} is running now (its folder {self.dir} is locked by another process)",
+                              fix="wait for it to end, or stop it first") from None
+        _CLAIMED[str(self.dir)] = fd  # kept open: the lock lasts until this process exits
+
+    def check_not_running(self) -> None:
+        """The launcher's look at the lock (taken and released at once)."""
+        self.claim()
+        import fcntl
+
+        fd = _CLAIMED.pop(str(self.dir), None) if self.dir else None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def settle(self, status: str) -> None:
         """The launcher's word on how the job ended, with the tracker's rule: a manifest still
@@ -251,6 +284,8 @@ def resolve_resume(spec: str, recipe: Any, *, np: int | None, force: bool,
                             force=force, job_id=job_id)
     folder = JobFolder.for_recipe(ck_dir, job_id, resumed=True)
     folder.manifest = manifest
+    if manifest.get("status") == "RUNNING":
+        folder.check_not_running()  # RUNNING and unlocked: its rank 0 died without a word
     verify_latest_checkpoint(folder)
     return ResumePlan(folder, manifest.get("np"), tuple(changes))
 
