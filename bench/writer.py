@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from bench import _common as C
+from bench._server import MlflowServer as _Server
 
 BENCH = "writer"
 
@@ -185,83 +182,6 @@ def _summarize(label: str, runs: list[list[dict]]) -> list[dict]:
                  goal=">= 1.0", check=lambda m: m >= 1.0, store=label, ratio="capacity/offered"),
     ]
     return res
-
-
-# -- the MLflow server on PostgreSQL ----------------------------------------------------------
-class _Server:
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.db = f"hvdkit_bench_{secrets.token_hex(4)}"
-        self.db_uri = ""
-        self.tmp = Path(tempfile.mkdtemp(prefix="hvdkit-bench-server-"))
-        self.url = ""
-        self.admin = ("admin", "bench-" + secrets.token_urlsafe(18))
-
-    def available(self) -> str | None:
-        """Why the server part cannot run, or None."""
-        for f in (C.REPO / ".ci" / "postgres", C.REPO / "mlflow" / "server.sh"):
-            if not f.exists():
-                return f"{f.relative_to(C.REPO)} is not there"
-        if os.geteuid() != 0:
-            return ".ci/postgres needs root"
-        return None
-
-    def start(self) -> None:
-        res = subprocess.run(["bash", str(C.REPO / ".ci" / "postgres"), self.db], capture_output=True, text=True,
-                             timeout=900)
-        if res.returncode != 0:
-            raise C.JobFailed(f".ci/postgres failed: {res.stderr.strip()[-1500:]}")
-        self.db_uri = res.stdout.strip().splitlines()[-1]
-        port = C.free_port()
-        env = C.job_env(MLFLOW_BACKEND_STORE_URI=self.db_uri, MLFLOW_ADMIN_PASSWORD=self.admin[1], MLFLOW_PORT=str(port),
-                        MLFLOW_ARTIFACTS_DESTINATION=str(self.tmp / "artifacts"), TMPDIR=str(self.tmp))
-        self.log = self.tmp / "server.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(["bash", str(C.REPO / "mlflow" / "server.sh")], env=env, cwd=self.tmp,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            if self.proc.poll() is not None:
-                raise C.JobFailed(f"mlflow/server.sh exited with {self.proc.returncode}: {self.log.read_text()[-1500:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise C.JobFailed(f"mlflow/server.sh not healthy after 240 s: {self.log.read_text()[-1500:]}")
-            time.sleep(1)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(self.proc.pid, sig)  # the session this bench started (script, mlflow, workers)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self.db_uri:
-            try:
-                import psycopg2
-
-                p = urllib.parse.urlsplit(self.db_uri)
-                conn = psycopg2.connect(host=p.hostname, port=p.port, user=p.username, password=p.password,
-                                        dbname="postgres")
-                conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
-                conn.close()
-            except Exception as exc:  # noqa: BLE001 - cleanup; say so, do not fail the numbers
-                C.note(f"could not drop database {self.db}: {exc}")
-        import shutil
-
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run(quick: bool = False, reps: int | None = None, full: bool = False) -> list[dict]:

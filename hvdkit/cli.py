@@ -84,6 +84,26 @@ def _launch_options(f):
     return f
 
 
+def _elastic_options(f):
+    """Horovod elastic (``hvdkit run`` only): hosts may come and go while the job trains."""
+    opts = [
+        click.option("--elastic", is_flag=True, help="elastic training: hosts from --host-discovery-script, "
+                     "--hostfile (re-read every second) or -H; implied by --min-np/--max-np/--host-discovery-script"),
+        click.option("--min-np", type=int, default=None, help="elastic: fewest ranks to train with [default: -np]"),
+        click.option("--max-np", type=int, default=None, help="elastic: most ranks to train with"),
+        click.option("--host-discovery-script", default=None, help="elastic: executable printing `host:slots` lines"),
+        click.option("--slots-per-host", type=int, default=None, help="elastic: slots of a host listed without :slots"),
+        click.option("--elastic-timeout", type=int, default=None, help="elastic: seconds to wait for --min-np slots [600]"),
+        click.option("--reset-limit", type=int, default=None, help="elastic: most membership changes before the job fails"),
+        click.option("--blacklist-cooldown-range", type=int, nargs=2, default=None, metavar="LOW HIGH",
+                     help="elastic: seconds before a failed host may rejoin, backing off from LOW to HIGH [10 300]"),
+        click.option("--network-interface", default=None, help="interface(s) for Horovod's traffic, e.g. eth0 (comma list)"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("recipe")
 @_launch_options
@@ -94,10 +114,11 @@ def _launch_options(f):
 @click.option("--resume", "resume", default=None, metavar="JOB_ID|RUN_ID|last",
               help="continue that job (its checkpoints, the same MLflow runs); a new job starts fresh")
 @click.option("--force", is_flag=True, help="with --resume: allow changing epochs, steps, eval or -np")
+@_elastic_options
 @click.argument("overrides", nargs=-1)
 def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune, autotune_log,
         fusion_threshold_mb, cycle_time_ms, ssh_port, ssh_identity_file, no_track, log_every, experiment, baseline,
-        resume, force, overrides) -> None:
+        resume, force, overrides, **elastic) -> None:
     """Train RECIPE on NP ranks under horovodrun. OVERRIDES are key=value (e.g. optimizer.lr=0.1)."""
     from hvdkit import launch as L
     from hvdkit.core.job import JobFolder, new_job_id, resolve_resume, slurm_requeue_spec
@@ -105,6 +126,10 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
     from hvdkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, list(overrides), framework=framework)
+    if not no_track:
+        from hvdkit.tracking._uri import check_tracking_args
+
+        check_tracking_args(experiment)  # an unknown store scheme or a missing sqlite directory: exit 2 now
     if force and not resume:
         raise UsageError("--force without --resume", fix="--force only relaxes the checks of --resume JOB_ID")
     # Which job: a new one, or (checked now, before anything starts) the one --resume names; a
@@ -115,16 +140,17 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
 
         plan = resolve_resume(spec, loaded.recipe, np=np_, force=force, run_lookup=None if no_track else job_of_run)
         job = plan.folder
-        np_ = np_ or plan.np or 1
+        np_ = np_ if np_ is not None else plan.np or 1
         if not no_track:
             replay_earlier_spools(job.job_id)  # the runs to reopen must be in the store first
         click.echo(f"hvdkit: resuming job {job.job_id} (resume {int(job.manifest.get('resumes') or 0) + 1})", err=True)
     else:
         job = JobFolder.for_recipe(loaded.recipe.checkpoint.dir, new_job_id())
-        np_ = np_ or 1
+        np_ = np_ if np_ is not None else 1
     opts = L.LaunchOptions(np=np_, hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
                            autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
                            cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file)
+    L.set_elastic(opts, **elastic)
     host_slots = L.resolve_hosts(opts)
     L.check_framework_built(loaded.recipe.framework)
     L.check_ssh(host_slots, opts)  # an unreachable host or refused key: one line, exit 2, nothing started
@@ -221,7 +247,7 @@ def scale(recipe, np_list, framework, hosts, hostfile, controller, timeline, aut
         sys.exit(130 if res.status == "KILLED" else 1)
 
 
-_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch")
+_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch", "outage")
 
 
 @main.command("bench")
@@ -231,7 +257,8 @@ _BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch")
 @click.option("--full", is_flag=True, help="also the long variants (writer: MLflow server with all 512 child runs)")
 def bench_cmd(name, quick, reps, full) -> None:
     """Run a benchmark of the source checkout's bench/ (tracking overhead, scaling, Horovod vs
-    DDP, tracking writer throughput, launch overhead): JSON lines on stdout, then a table.
+    DDP, tracking writer throughput, launch overhead, a tracking-server outage; ``all`` is every
+    one but the outage): JSON lines on stdout, then a table.
     Same as ``python -m bench NAME``; docs/benchmarks.md has the latest numbers."""
     import os
     import subprocess

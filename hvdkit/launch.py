@@ -6,6 +6,7 @@ into Horovod, slots), so bad input costs one line and exit code 2, never a half-
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -20,7 +21,9 @@ from hvdkit.build import _env
 from hvdkit.errors import LaunchError
 from hvdkit.recipe import LoadedRecipe
 
-_HOST = re.compile(r"^([A-Za-z0-9_.\-\[\]:]+?)(?::(\d+))?$")
+# horovodrun's own host grammar ([\w.-]+, see horovod.runner.common.util.hosts); hvdkit also takes
+# a bare host (one slot) and hands horovodrun the normalized list (hosts_arg).
+_HOST = re.compile(r"^([\w.\-]+)(?::(\d+))?$")
 
 
 @dataclass
@@ -37,6 +40,16 @@ class LaunchOptions:
     ssh_port: int | None = None
     ssh_identity_file: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Elastic training (Horovod elastic, Gloo): see the "elastic" section below.
+    elastic: bool = False
+    min_np: int | None = None
+    max_np: int | None = None
+    host_discovery_script: str | None = None
+    slots_per_host: int | None = None
+    elastic_timeout: int | None = None
+    reset_limit: int | None = None
+    blacklist_cooldown: tuple[int, int] | None = None
+    network_interface: str | None = None
 
 
 def parse_hosts(spec: str) -> list[tuple[str, int]]:
@@ -61,16 +74,72 @@ def parse_hostfile(path: str) -> list[tuple[str, int]]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        m = re.match(r"^(\S+)(?:\s+slots\s*=\s*(\d+))?\s*$", line)
-        if not m:
-            raise LaunchError(f"hostfile {path} line {n}: cannot parse {line!r}", fix="write one `host slots=N` per line")
+        m = re.match(r"^([\w.\-]+)(?:\s+slots\s*=\s*(\d+))?\s*$", line)
+        if not m or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise LaunchError(f"hostfile {path} line {n}: cannot parse {line!r}", fix="write one `host slots=N` per line, N >= 1")
         hosts.append((m.group(1), int(m.group(2) or 1)))
     if not hosts:
         raise LaunchError(f"hostfile {path} lists no host", fix="write one `host slots=N` per line")
     return hosts
 
 
+def hosts_arg(opts: LaunchOptions) -> str:
+    """``-H`` for horovodrun, from -H or --hostfile as hvdkit parsed them: horovodrun's own parsers
+    take neither a bare host (-H node1), nor comments, blank lines or a line without slots= in a
+    hostfile (ValueError / IndexError tracebacks)."""
+    hosts = parse_hosts(opts.hosts) if opts.hosts else parse_hostfile(opts.hostfile) if opts.hostfile else [("localhost", opts.np)]
+    return ",".join(f"{h}:{s}" for h, s in hosts)
+
+
+def whole_mb(value: float) -> int:
+    """``--fusion-threshold-mb`` as horovodrun takes it: a whole number of MB >= 0 (0: no fusion)."""
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        raise LaunchError(f"--fusion-threshold-mb {value:g} is not a whole number of MB >= 0",
+                          fix="pass an integer, e.g. --fusion-threshold-mb 64 (0 turns tensor fusion off)")
+    return int(value)
+
+
+def positive_ms(value: float) -> float:
+    """``--cycle-time-ms``: > 0 (0 would make every rank's Horovod thread spin on a core)."""
+    if not math.isfinite(value) or value <= 0:
+        raise LaunchError(f"--cycle-time-ms {value:g} must be a positive number of milliseconds",
+                          fix="pass e.g. --cycle-time-ms 1 (Horovod's default) or 5")
+    return float(value)
+
+
+def _check_output_file(flag: str, path: str) -> None:
+    p = Path(path).resolve()
+    if p.is_dir():
+        raise LaunchError(f"{flag} {path} is a directory", fix=f"pass a file name, e.g. {flag} {p / 'horovod.json'}")
+    if not p.parent.is_dir():
+        raise LaunchError(f"{flag} {path}: directory {p.parent} does not exist",
+                          fix=f"create it first (mkdir -p {p.parent}) or write the file elsewhere")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise LaunchError(f"{flag} {path}: directory {p.parent} is not writable", fix="write the file to a directory you can write to")
+
+
+def check_options(opts: LaunchOptions) -> None:
+    """The launch flags horovodrun would reject only once started (or never: a timeline into a
+    missing directory is just not written), checked before anything starts; normalizes them."""
+    if opts.fusion_threshold_mb is not None:
+        opts.fusion_threshold_mb = whole_mb(opts.fusion_threshold_mb)
+    if opts.cycle_time_ms is not None:
+        opts.cycle_time_ms = positive_ms(opts.cycle_time_ms)
+    if opts.ssh_port is not None and not 1 <= opts.ssh_port <= 65535:
+        raise LaunchError(f"-p {opts.ssh_port} is not a TCP port", fix="pass the hosts' sshd port, 1-65535 (ssh's default: 22)")
+    if opts.ssh_identity_file and not Path(opts.ssh_identity_file).is_file():
+        raise LaunchError(f"ssh key {opts.ssh_identity_file} (-i) not found", fix="pass the private key file of a key the hosts authorize")
+    if opts.autotune_log and not opts.autotune:
+        raise LaunchError(f"--autotune-log {opts.autotune_log} without --autotune", fix="add --autotune, or drop --autotune-log")
+    for flag, path in (("--timeline", opts.timeline), ("--autotune-log", opts.autotune_log)):
+        if path:
+            _check_output_file(flag, path)
+
+
 def resolve_hosts(opts: LaunchOptions) -> list[tuple[str, int]]:
+    check_options(opts)
+    if opts.elastic:
+        return check_elastic(opts)  # the hosts discovery lists now; slots are Horovod's to wait for
     if opts.hosts and opts.hostfile:
         raise LaunchError("both -H and --hostfile given", fix="pass one of them")
     hosts = parse_hosts(opts.hosts) if opts.hosts else parse_hostfile(opts.hostfile) if opts.hostfile else [("localhost", opts.np)]
@@ -115,10 +184,14 @@ def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: li
         raise LaunchError("Horovod is not installed in this environment", fix="hvdkit build-horovod")
     # horovodrun's own command line, minus its seconds-long framework probe (see hvdkit._horovodrun)
     cmd = [sys.executable, "-m", "hvdkit._horovodrun", "-np", str(opts.np)]
-    if opts.hosts:
-        cmd += ["-H", opts.hosts]
+    if opts.elastic:
+        cmd += elastic_args(opts)
+    elif opts.hosts:
+        cmd += ["-H", hosts_arg(opts)]
     elif opts.hostfile:
-        cmd += ["--hostfile", opts.hostfile]
+        cmd += ["-H", hosts_arg(opts)]
+    if opts.network_interface and not opts.elastic:
+        cmd += ["--network-interfaces", opts.network_interface]
     cmd.append(f"--{opts.controller}")
     if opts.timeline:
         cmd += ["--timeline-filename", str(Path(opts.timeline).resolve())]
@@ -127,9 +200,9 @@ def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: li
         if opts.autotune_log:
             cmd += ["--autotune-log-file", str(Path(opts.autotune_log).resolve())]
     if opts.fusion_threshold_mb is not None:
-        cmd += ["--fusion-threshold-mb", str(opts.fusion_threshold_mb)]
+        cmd += ["--fusion-threshold-mb", str(whole_mb(opts.fusion_threshold_mb))]  # horovodrun: int only
     if opts.cycle_time_ms is not None:
-        cmd += ["--cycle-time-ms", str(opts.cycle_time_ms)]
+        cmd += ["--cycle-time-ms", str(positive_ms(opts.cycle_time_ms))]
     if opts.ssh_port:
         cmd += ["-p", str(opts.ssh_port)]
     if opts.ssh_identity_file:
@@ -291,8 +364,6 @@ def check_ssh(hosts: list[tuple[str, int]], opts: LaunchOptions) -> None:
     remote_hosts = network.filter_local_addresses(list(dict.fromkeys(h for h, _ in hosts)))
     if not remote_hosts:
         return
-    if opts.ssh_identity_file and not Path(opts.ssh_identity_file).is_file():
-        raise LaunchError(f"ssh key {opts.ssh_identity_file} (-i) not found", fix="pass the private key file of a key the hosts authorize")
 
     def probe(host: str) -> tuple[str, str | None]:
         cmd = remote.get_ssh_command("true", host, port=opts.ssh_port, identity_file=opts.ssh_identity_file,
@@ -315,3 +386,132 @@ def check_ssh(hosts: list[tuple[str, int]], opts: LaunchOptions) -> None:
     fix = next((f for needle, f in _SSH_FIXES if needle in why),
                "check that {h} is up and reachable, and that `ssh {h} true` works without a password (-p PORT, -i KEY)")
     raise LaunchError("cannot ssh to " + ", ".join(f"{h} ({w})" for h, w in failed), fix=fix.format(h=host))
+
+
+# -- elastic -----------------------------------------------------------------------------------
+# Horovod elastic (Gloo only): workers come and go while the job runs. Hosts come from a
+# discovery command horovodrun runs every second: the user's --host-discovery-script, or, for
+# --hostfile, hvdkit's reader of that file (edit the file while the job runs: a removed host's
+# workers are stopped, an added one's started), or the fixed -H list (fault tolerance only).
+# A host whose worker failed is blacklisted; it comes back after a cool-down (hvdkit's default
+# below; Horovod's own default is never), so a restarted host rejoins.
+
+DEFAULT_BLACKLIST_COOLDOWN = (10, 300)  # seconds: first return after 20-30 s, backing off to 5 min
+DISCOVERY_CHECK_TIMEOUT_S = 10
+# Prints "host:slots" per host line of a `host slots=N` / `host:N` file; a missing file, no hosts.
+_HOSTFILE_AWK = ('{ sub(/#.*/, ""); gsub(/[ \\t]*=[ \\t]*/, "="); if (NF == 0) next; h = $1; n = 1; '
+                 'if (h ~ /:/) { print h; next } for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) n = substr($i, 7); '
+                 'print h ":" n }')
+
+
+def hostfile_discovery_command(path: str) -> str:
+    """The discovery command (a shell line) that lists the hosts of hostfile ``path`` each time it runs."""
+    import shlex
+
+    return f"cat {shlex.quote(str(Path(path).resolve()))} 2>/dev/null | awk {shlex.quote(_HOSTFILE_AWK)}"
+
+
+def _discovery_command(opts: LaunchOptions) -> str | None:
+    if opts.host_discovery_script:
+        return str(Path(opts.host_discovery_script).resolve()) if Path(opts.host_discovery_script).exists() \
+            else opts.host_discovery_script
+    if opts.hostfile:
+        return hostfile_discovery_command(opts.hostfile)
+    return None
+
+
+def discover(command: str, default_slots: int = 1) -> list[tuple[str, int]]:
+    """Run a discovery command once, as horovodrun will: its ``host[:slots]`` lines."""
+    try:
+        res = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=DISCOVERY_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"host discovery {command!r} did not finish within {DISCOVERY_CHECK_TIMEOUT_S} s",
+                          fix="make it print `host:slots` lines and exit at once (horovodrun runs it every second)") from None
+    if res.returncode != 0:
+        said = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+        raise LaunchError(f"host discovery {command!r} failed: {said}",
+                          fix="make it exit 0 and print one `host:slots` line per available host")
+    hosts = []
+    for line in filter(None, (ln.strip() for ln in res.stdout.splitlines())):
+        host, _, slots = line.partition(":")
+        if not host or (slots and not slots.isdigit()):
+            raise LaunchError(f"host discovery printed {line!r}", fix="print one `host` or `host:slots` line per host")
+        hosts.append((host, int(slots) if slots else default_slots))
+    return hosts
+
+
+def check_elastic(opts: LaunchOptions) -> list[tuple[str, int]]:
+    """Check an elastic launch before anything starts; returns the hosts discovered now."""
+    if opts.controller != "gloo":
+        raise LaunchError("elastic training needs the Gloo controller (Horovod elastic has no MPI mode)",
+                          fix="drop --mpi")
+    if opts.hosts and (opts.hostfile or opts.host_discovery_script) or (opts.hostfile and opts.host_discovery_script):
+        raise LaunchError("more than one of -H, --hostfile and --host-discovery-script given",
+                          fix="pass one source of hosts")
+    script = opts.host_discovery_script
+    if script and Path(script).exists() and not os.access(script, os.X_OK):
+        raise LaunchError(f"host discovery script {script} is not executable", fix=f"chmod +x {script}")
+    if script and not Path(script).exists() and " " not in script.strip():
+        raise LaunchError(f"host discovery script {script} not found", fix="pass an executable that prints `host:slots` lines")
+    if opts.hostfile and not Path(opts.hostfile).is_file():
+        raise LaunchError(f"hostfile {opts.hostfile} not found",
+                          fix="pass an existing file with lines like `node1 slots=2` (hvdkit reads it every second)")
+    min_np = opts.min_np or opts.np
+    if min_np < 1:
+        raise LaunchError(f"--min-np {min_np} must be at least 1", fix="pass --min-np 1 or more")
+    if opts.max_np is not None and opts.max_np < min_np:
+        raise LaunchError(f"--max-np {opts.max_np} is below --min-np {min_np}", fix=f"pass --max-np {min_np} or more")
+    low, high = opts.blacklist_cooldown or DEFAULT_BLACKLIST_COOLDOWN
+    if not 1 <= low <= high <= 3600:
+        raise LaunchError(f"--blacklist-cooldown-range {low} {high} is outside 1 <= low <= high <= 3600 s",
+                          fix="e.g. --blacklist-cooldown-range 10 300")
+    opts.np = max(opts.np, min_np)
+    if opts.max_np is not None:
+        opts.np = min(opts.np, opts.max_np)
+    command = _discovery_command(opts)
+    if command is None:
+        hosts = parse_hosts(opts.hosts) if opts.hosts else []
+        if len(hosts) < 2:
+            raise LaunchError("elastic training needs a source of hosts that can change",
+                              fix="pass --host-discovery-script SCRIPT, --hostfile FILE (hvdkit watches it) "
+                                  "or -H with two hosts or more")
+        return hosts
+    return discover(command, opts.slots_per_host or 1)
+
+
+def elastic_args(opts: LaunchOptions) -> list[str]:
+    """horovodrun's elastic options for ``opts`` (checked by check_elastic)."""
+    args = ["--min-np", str(opts.min_np or opts.np)]
+    if opts.max_np is not None:
+        args += ["--max-np", str(opts.max_np)]
+    command = _discovery_command(opts)
+    if command is not None:
+        args += ["--host-discovery-script", command]
+    elif opts.hosts:
+        args += ["-H", opts.hosts]
+    if opts.slots_per_host:
+        args += ["--slots-per-host", str(opts.slots_per_host)]
+    if opts.elastic_timeout:
+        args += ["--elastic-timeout", str(opts.elastic_timeout)]
+    if opts.reset_limit is not None:
+        args += ["--reset-limit", str(opts.reset_limit)]
+    low, high = opts.blacklist_cooldown or DEFAULT_BLACKLIST_COOLDOWN
+    args += ["--blacklist-cooldown-range", str(low), str(high)]
+    if opts.network_interface:
+        args += ["--network-interfaces", opts.network_interface]
+    return args
+
+
+def set_elastic(opts: LaunchOptions, *, elastic: bool = False, min_np: int | None = None, max_np: int | None = None,
+                host_discovery_script: str | None = None, slots_per_host: int | None = None,
+                elastic_timeout: int | None = None, reset_limit: int | None = None,
+                blacklist_cooldown_range: tuple[int, int] | None = None, network_interface: str | None = None) -> LaunchOptions:
+    """The CLI's elastic flags onto ``opts``; any of --min-np/--max-np/--host-discovery-script means --elastic."""
+    opts.elastic = bool(elastic or min_np is not None or max_np is not None or host_discovery_script)
+    opts.min_np, opts.max_np, opts.host_discovery_script = min_np, max_np, host_discovery_script
+    opts.slots_per_host, opts.elastic_timeout, opts.reset_limit = slots_per_host, elastic_timeout, reset_limit
+    opts.blacklist_cooldown = tuple(blacklist_cooldown_range) if blacklist_cooldown_range else None
+    opts.network_interface = network_interface
+    if not opts.elastic and (slots_per_host or elastic_timeout or reset_limit is not None or blacklist_cooldown_range):
+        raise LaunchError("elastic options given without --elastic", fix="add --elastic (or --min-np / --host-discovery-script)")
+    return opts

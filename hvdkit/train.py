@@ -230,6 +230,11 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     threads = None
     backend = layer.make_backend(recipe, data, model)  # hvd.init() happens here
     marks["backend_ready"] = time.time()
+    if os.environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun --min-np/--host-discovery-script: hvdkit.train_elastic
+        from hvdkit.train_elastic import train_elastic
+
+        return train_elastic(loaded, backend, data, no_track=no_track, log_every=log_every, experiment=experiment,
+                             baseline=baseline, parent_run_id=parent_run_id, resume=resume, force=force)
     world = World.from_horovod_env(backend.rank, backend.size, backend.gather)  # every rank's hostname
     job = _open_job(recipe, backend, resume, force, not no_track, experiment)
     config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job)

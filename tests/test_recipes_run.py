@@ -28,7 +28,8 @@ def _weights(path) -> list[np.ndarray]:
 
 
 def _only_checkpoint(d):
-    found = sorted(d.glob("ckpt-e*"))
+    """The one checkpoint of the one job under checkpoint.dir ``d`` (<d>/<job id>/ckpt-e*)."""
+    found = sorted(d.glob("*/ckpt-e*"))
     assert len(found) == 1, found
     return found[0]
 

@@ -197,20 +197,22 @@ class _ChildRows:
     """The child runs' metrics of one gather, turned into ``log_batch`` events off the training
     thread (see SpoolWriter: any queued object with ``events()`` is expanded there)."""
 
-    __slots__ = ("rows", "ranks", "ts", "step", "skip")
+    __slots__ = ("rows", "ranks", "ts", "step", "skip", "refs")
 
-    def __init__(self, rows: np.ndarray, ranks: list[int], ts: int, step: int, skip: frozenset[str] = frozenset()) -> None:
+    def __init__(self, rows: np.ndarray, ranks: list[int], ts: int, step: int, skip: frozenset[str] = frozenset(),
+                 refs: list[str] | None = None) -> None:
         self.rows = rows  # fancy-indexed from the gathered table: a copy, safe to keep
         self.ranks = ranks
         self.ts = ts
         self.step = step
         self.skip = skip
+        self.refs = refs or [f"rank{r}" for r in ranks]  # an elastic job's worker runs have refs of their own
 
     def events(self) -> list[dict]:
         names, ts, step, skip = keys.RANK_VECTOR, self.ts, self.step, self.skip
         return [
-            {"op": "log_batch", "ref": f"rank{r}", "metrics": [[k, v, ts, step] for k, v in zip(names, row) if k not in skip]}
-            for r, row in zip(self.ranks, self.rows.tolist())
+            {"op": "log_batch", "ref": ref, "metrics": [[k, v, ts, step] for k, v in zip(names, row) if k not in skip]}
+            for ref, row in zip(self.refs, self.rows.tolist())
         ]
 
 
@@ -265,6 +267,7 @@ class JobTracker:
         self._skip = frozenset(config.skip_keys)
         self._sampling = _sampling(config.per_rank_runs)
         self._children = list(range(0, world.size, self._sampling)) if self._sampling else []
+        self._child_refs: list[str] | None = None  # elastic jobs: the ref of each of _children (membership_changed)
         self._emit = rank_zero_only(world.rank)(self._emit_gather)
         self._started = False
         self._finished = False
@@ -497,8 +500,8 @@ class JobTracker:
             self._log_efficiency()
         if self._started:
             end = now_ms()
-            for r in self._children:
-                self._writer.submit({"op": "end_run", "ref": f"rank{r}", "status": status, "end_time": end})
+            for ref in self._child_refs or [f"rank{r}" for r in self._children]:
+                self._writer.submit({"op": "end_run", "ref": ref, "status": status, "end_time": end})
             self._writer.submit({"op": "end_run", "ref": "parent", "status": status, "end_time": end})
         self.close_report = self._writer.close(self.config.close_timeout_s)
 
@@ -589,7 +592,7 @@ class JobTracker:
             # One queue item for all children, expanded into per-run events on the spool thread:
             # with 512 ranks, building 512 events here would cost rank 0 (and, through the next
             # collective, every rank) milliseconds per interval.
-            submit(_ChildRows(table[self._children], self._children, ts, step, self._skip))
+            submit(_ChildRows(table[self._children], self._children, ts, step, self._skip, self._child_refs))
         step_times = table[:, _STEP]
         metrics = [[keys.WORLD_SIZE, float(self.world.size), ts, step]]
         if keys.SAMPLES_PER_SEC not in self._skip:
@@ -662,6 +665,55 @@ class JobTracker:
 
         return history_throughput(self._history)
 
+    # -- elastic jobs (driven by hvdkit.tracking._membership) -------------------------------
+    def membership_changed(self, world: World, step: int, child_refs: Mapping[int, str] | None = None) -> None:
+        """After an elastic reset, on every rank at the same point: abandon the in-flight gather
+        (Horovod's reset invalidated it; its peers may be gone), drop the partial interval, and
+        go on with ``world``. ``child_refs``: rank -> ref of that worker's child run (None:
+        ``rank<r>`` refs, as a fixed-size job has)."""
+        self._inflight = None
+        self._reset()
+        self.world = world
+        if child_refs is None:
+            self._children = list(range(0, world.size, self._sampling)) if self._sampling else []
+            self._child_refs = None
+        else:
+            self._children = sorted(child_refs)
+            self._child_refs = [child_refs[r] for r in self._children]
+        self._last_step = step
+        self._emit = rank_zero_only(world.rank)(self._emit_gather)
+
+    def flush_interval(self) -> None:
+        """Gather the interval so far now (a collective, every rank at the same step): before a
+        planned membership change, while the old world still stands."""
+        self._collect_inflight()
+        if self._n:
+            self._gather(self._last_step, final=True)
+
+    def adopt(self, run_id: str | None, job_id: str | None) -> None:
+        """A worker that joined a running elastic job: its runs exist (rank 0 writes them)."""
+        self.run_id, self.job_id = run_id, job_id
+        self._started = True
+
+    def take_over_writer(self, runs: Mapping[str, str], spool_name: str, parent_tags: Mapping[str, str]) -> None:
+        """Elastic jobs: rank 0's process died and this survivor is rank 0 now. Write the job's
+        existing runs (``runs``: ref -> run id, seeded into a spool of its own) from here on."""
+        from hvdkit.tracking._spool import TargetState
+
+        uri = resolve_tracking_uri(self.config.tracking_uri)
+        spool = Spool.create(self.config.spool_dir, str(self.job_id), absolute_uri(uri), name=spool_name)
+        spool.save_state(absolute_uri(uri), TargetState(runs=dict(runs)))
+        self._writer = SpoolWriter(spool, uri, keep_spool=self.config.keep_spool)
+        self._parent_tags = dict(parent_tags)
+
+    def submit_events(self, events: list[dict]) -> None:
+        """Rank 0: hand spool events to the writer, after the gathers buffered before them."""
+        if self.world.rank != 0 or self._finished or not events:
+            return
+        self._flush_pending()
+        for event in events:
+            self._writer.submit(event)
+
 
 class NullJobTracker:
     """Tracking disabled: the same methods, doing nothing, calling no collective."""
@@ -688,6 +740,12 @@ class NullJobTracker:
 
     def throughput(self) -> float | None:
         return None
+
+    def run_ids(self) -> dict[str, str]:
+        return {}
+
+    def flush_interval(self) -> None:
+        pass
 
     def __enter__(self) -> "NullJobTracker":
         return self

@@ -121,3 +121,16 @@ def flatten_params(params: Mapping[str, Any], *, sep: str = ".") -> dict[str, st
 def clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     """Tags as MLflow stores them: checked names, str values cut to the tag length limit."""
     return {check_tag_name(str(k)): _truncate(_to_str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+
+
+def check_experiment_name(name: object) -> str:
+    """An experiment name MLflow accepts (``--experiment``), checked before a job starts: rank 0
+    would otherwise fail to create it once the job runs."""
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    if not isinstance(name, str) or not name.strip():
+        raise TrackingError(f"experiment name {name!r} is empty", fix="pass --experiment NAME, or leave it out for 'hvdkit'")
+    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise TrackingError(f"experiment name {name[:40]!r}... is longer than {MAX_EXPERIMENT_NAME_LENGTH} characters",
+                            fix=f"pass a name of at most {MAX_EXPERIMENT_NAME_LENGTH} characters")
+    return name

@@ -40,6 +40,14 @@ JOB_KEYS: tuple[MetricKey, ...] = (
     MetricKey("straggler_ratio", "", "max / median of the ranks' step_time_s at the same step", "job"),
     MetricKey("world_size", "ranks", "number of ranks of the job", "job"),
     MetricKey("scaling_efficiency", "", "T_N / (N * T_1), T = samples_per_sec, T_1 from an np=1 baseline", "job"),
+    # Elastic jobs (hvdkit.tracking._membership): a membership epoch is the span between two
+    # membership changes. Event keys are logged at the step of the change; the per-epoch
+    # keys at the epoch's first step, once it ended.
+    MetricKey("membership_epoch", "", "index of the membership epoch that starts at this step (one point per change)", "job"),
+    MetricKey("membership_joined", "ranks", "workers that joined at this change", "job"),
+    MetricKey("membership_left", "ranks", "workers that left (failed or removed) at this change", "job"),
+    MetricKey("membership_samples_per_sec", "samples/s", "the epoch's T: mean of its samples_per_sec gathers", "job"),
+    MetricKey("membership_scaling_efficiency", "", "the epoch's T / (N * T_1), N its world size, T_1 from an np=1 baseline", "job"),
 )
 
 # Names, for code that refers to one key (``keys.SAMPLES_PER_SEC`` rather than a string literal).
@@ -54,6 +62,11 @@ VAL_ACCURACY = "val_accuracy"
 STRAGGLER_RATIO = "straggler_ratio"
 WORLD_SIZE = "world_size"
 SCALING_EFFICIENCY = "scaling_efficiency"
+MEMBERSHIP_EPOCH = "membership_epoch"
+MEMBERSHIP_JOINED = "membership_joined"
+MEMBERSHIP_LEFT = "membership_left"
+MEMBERSHIP_SAMPLES_PER_SEC = "membership_samples_per_sec"
+MEMBERSHIP_SCALING_EFFICIENCY = "membership_scaling_efficiency"
 
 RANK_VECTOR: tuple[str, ...] = tuple(k.name for k in RANK_KEYS)
 """Column order of the ``[size, k]`` array the gather returns."""
@@ -79,6 +92,16 @@ TAG_RANK_SAMPLING = "hvdkit.rank_sampling"  # k when only every k-th rank has a 
 TAG_BASELINE_RUN_ID = "hvdkit.baseline_run_id"  # the np=1 run scaling_efficiency divides by
 TAG_RESUMES = "hvdkit.resumes"  # how many times `hvdkit run --resume` continued this job (parent run)
 
+# Elastic jobs: the parent says it is one and how often its membership changed; a worker's child
+# run says where and when it joined, and (ended KILLED) when it left.
+TAG_ELASTIC = "hvdkit.elastic"  # "true" on an elastic job's parent run
+TAG_MEMBERSHIP_CHANGES = "hvdkit.membership_changes"  # count, updated at each change (parent)
+TAG_WORKER = "hvdkit.worker"  # "<host>[<local rank>]#<process token>" (child runs of elastic jobs)
+TAG_JOINED_STEP = "hvdkit.joined_step"
+TAG_LEFT_STEP = "hvdkit.left_step"
+TAG_LEFT_REASON = "hvdkit.left_reason"  # failure | removed
+MEMBERSHIP_ARTIFACT = "elastic/membership.json"  # every membership epoch: steps, ranks, hosts, T, E
+
 ROLE_PARENT = "parent"
 ROLE_RANK = "rank"
 ROLE_SWEEP = "sweep"
@@ -102,6 +125,12 @@ __all__ = [
     "JOB_KEYS",
     "JOB_KEY_NAMES",
     "LOSS",
+    "MEMBERSHIP_ARTIFACT",
+    "MEMBERSHIP_EPOCH",
+    "MEMBERSHIP_JOINED",
+    "MEMBERSHIP_LEFT",
+    "MEMBERSHIP_SAMPLES_PER_SEC",
+    "MEMBERSHIP_SCALING_EFFICIENCY",
     "MLFLOW_PARENT_RUN_ID",
     "MetricKey",
     "RANK_KEYS",
@@ -117,18 +146,24 @@ __all__ = [
     "STRAGGLER_RATIO",
     "TAG_BASELINE_RUN_ID",
     "TAG_BATCH_SIZE",
+    "TAG_ELASTIC",
     "TAG_FRAMEWORK",
     "TAG_HOST",
     "TAG_HOSTS",
     "TAG_HOST_TYPE",
     "TAG_JOB_ID",
+    "TAG_JOINED_STEP",
+    "TAG_LEFT_REASON",
+    "TAG_LEFT_STEP",
     "TAG_LOCAL_RANK",
     "TAG_RANK",
+    "TAG_MEMBERSHIP_CHANGES",
     "TAG_RANK_SAMPLING",
     "TAG_RESUMES",
     "TAG_RECIPE",
     "TAG_ROLE",
     "TAG_SPOOL_REF",
+    "TAG_WORKER",
     "TAG_WORLD_SIZE",
     "VAL_ACCURACY",
     "VAL_LOSS",
