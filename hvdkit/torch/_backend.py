@@ -79,8 +79,9 @@ class TorchBackend:
             # is running when its hook fires, cost a synchronisation of the ranks each and buy no
             # overlap on a CPU whose cores all compute (bench/ddp: synthetic ResNet hvdkit/DDP
             # 0.72 -> 0.87, np=2 on 2 cores). Unused parameters are still allreduced, singly, by
-            # synchronize().
-            groups=1,
+            # synchronize(). Not in an elastic job: grouping broadcasts the parameter order from
+            # rank 0 right here, a collective a joining worker may not run before hvd.elastic.run.
+            groups=None if os.environ.get("HOROVOD_ELASTIC") == "1" else 1,
         )
 
     # -- the loop's contract -------------------------------------------------------------
