@@ -6,11 +6,49 @@ seconds on every launch (11.7 s against 1.3 s for a 2-rank no-op job measured he
 already checked exactly that and recorded it in the environment's build marker, so this shim
 answers from the marker and then runs horovodrun's own command line unchanged. With no marker
 (a Horovod hvdkit did not build) it falls through to the stock probe.
+
+Elastic jobs get one more correction: Horovod's host discovery reads the script's lines into a
+set and ranks hosts it has not seen before in that set's order, which changes from one launch to
+the next (string hashing is salted per process), so rank 0 landed on any host. Here new hosts
+are ranked in the order the discovery lists them, as a static ``-H`` list is: rank 0 on the first.
 """
 
 from __future__ import annotations
 
 import sys
+
+
+def _rank_hosts_in_discovery_order() -> None:
+    from horovod.runner.elastic import discovery
+
+    listed: list[str] = []  # hosts of the latest discovery, in the order it printed them
+
+    def find_script_hosts(self) -> dict[str, int]:
+        host_slots: dict[str, int] = {}
+        for line in dict.fromkeys(ln.strip() for ln in self._execute_discovery_script().strip().split("\n")):
+            host, _, slots = line.partition(":")
+            if host:  # an empty output: no host ready yet
+                host_slots[host] = int(slots) if slots else self._default_slots
+        listed[:] = list(host_slots)
+        return host_slots
+
+    fixed_find = discovery.FixedHosts.find_available_hosts_and_slots
+
+    def find_fixed_hosts(self) -> dict[str, int]:
+        host_slots = fixed_find(self)
+        listed[:] = list(host_slots)
+        return host_slots
+
+    def order_available_hosts(available_hosts, prev_host_assignment_order):
+        # Hosts already ranked keep their places (Horovod's rule: older hosts, lower ranks).
+        order = [h for h in prev_host_assignment_order if h in available_hosts]
+        pos = {h: i for i, h in enumerate(listed)}
+        order += sorted((h for h in available_hosts if h not in set(order)), key=lambda h: (pos.get(h, len(pos)), h))
+        return order
+
+    discovery.HostDiscoveryScript.find_available_hosts_and_slots = find_script_hosts
+    discovery.FixedHosts.find_available_hosts_and_slots = find_fixed_hosts
+    discovery.HostManager.order_available_hosts = staticmethod(order_available_hosts)
 
 
 def main() -> None:
@@ -28,6 +66,7 @@ def main() -> None:
         for mod in (util, launch):
             mod.gloo_built = lambda verbose=False: bool(controllers.get("gloo"))
             mod.mpi_built = lambda verbose=False: bool(controllers.get("mpi"))
+    _rank_hosts_in_discovery_order()
     sys.argv[0] = "horovodrun"
     launch.run_commandline()
 

@@ -363,6 +363,8 @@ class ElasticTracking:
                      keys.TAG_WORKER: m["worker"], keys.TAG_JOINED_STEP: str(step)}
             if m["host"]:
                 child[keys.TAG_HOST] = m["host"]
+            if tracker.job_id:
+                child[keys.TAG_JOB_ID] = str(tracker.job_id)  # the parent's tags may not carry it
             events.append({"op": "create_run", "ref": m["ref"], "parent_ref": "parent", "parent_run_id": None,
                            "experiment": tracker.config.experiment, "run_name": f"rank-{m['rank']}", "tags": child,
                            "start_time": ts})
@@ -430,7 +432,14 @@ class ElasticTracking:
             raise TrackingError("rank 0's process died and the job's parent run id is unknown here",
                                 fix=f"resume the job: hvdkit run --resume {job_id or 'last'}")
         resumes = int(getattr(tracker.config, "resumes", 0) or 0)
-        tracker.take_over_writer(runs, f"{job_id}.r{resumes}.e{len(record['epochs']) - 1}", record.get("parent_tags") or {})
+        # The old rank 0 shares its parent tags from the first change on; dying before it did,
+        # it leaves what every rank can say: the recipe's tags, the machine type, the job id
+        # (enough for the np=1 baseline lookup and the joiners' runs).
+        from hvdkit.tracking.efficiency import host_type
+
+        parent_tags = record.get("parent_tags") or {**self._tags, keys.TAG_HOST_TYPE: host_type(),
+                                                    **({keys.TAG_JOB_ID: str(job_id)} if job_id else {})}
+        tracker.take_over_writer(runs, f"{job_id}.r{resumes}.e{len(record['epochs']) - 1}", parent_tags)
         record["runs"] = runs
         lost = [m["ref"] for m in (change or {}).get("left", []) if m["ref"] and m["ref"] not in runs]
         if lost:
