@@ -98,8 +98,8 @@ def _runs(uri):
     return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
 
 
-def _workers(root_pid: int) -> dict[int, str]:
-    """pid -> HOROVOD_HOSTNAME of the job's worker processes."""
+def _workers(root_pid: int) -> dict[int, tuple[str, str]]:
+    """pid -> (HOROVOD_HOSTNAME, HOROVOD_RANK at its start) of the job's worker processes."""
     out = {}
     try:
         procs = psutil.Process(root_pid).children(recursive=True)
@@ -108,9 +108,9 @@ def _workers(root_pid: int) -> dict[int, str]:
     for p in procs:
         try:
             if "hvdkit.train" in " ".join(p.cmdline()):
-                host = p.environ().get("HOROVOD_HOSTNAME")
-                if host:
-                    out[p.pid] = host
+                env = p.environ()
+                if env.get("HOROVOD_HOSTNAME"):
+                    out[p.pid] = (env["HOROVOD_HOSTNAME"], env.get("HOROVOD_RANK", ""))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return out
@@ -128,14 +128,19 @@ def _parent_world_sizes(uri) -> list[float]:
         return []
 
 
-@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
-def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framework):
+@pytest.mark.parametrize("framework,victim_rank", [("torch", 2), ("tensorflow", 2), ("torch", 0)],
+                         ids=["torch-rank2", "tensorflow-rank2", "torch-rank0"])
+def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framework, victim_rank):
+    """VICTIM_HOST has one slot; hvdkit ranks hosts in the order the discovery lists them, so
+    listed last it holds rank 2, listed first rank 0: then the job's writer dies with it and a
+    survivor, the new rank 0, writes the same runs from there on."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = worker_env(MLFLOW_TRACKING_URI=uri)
     recipe = tmp_path / "paced.py"
     recipe.write_text(PACED_RECIPE.format(steps=STEPS, log_every=LOG_EVERY, step_s=STEP_S))
     hosts = tmp_path / "hosts.txt"
-    hosts.write_text(f"localhost:2\n{VICTIM_HOST}:1\n")
+    listed = ["localhost:2", f"{VICTIM_HOST}:1"]
+    hosts.write_text("\n".join(listed if victim_rank == 2 else listed[::-1]) + "\n")
     discover = tmp_path / "discover.sh"
     discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
     discover.chmod(0o755)
@@ -156,8 +161,9 @@ def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framew
             assert proc.poll() is None, explain(subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text()))
             assert time.monotonic() - t0 < 300, "the job did not train at 3 ranks within 300 s"
             if _parent_world_sizes(uri).count(3.0) >= KILL_AT_GATHERS:
-                victim = next((pid for pid, host in _workers(proc.pid).items() if host == VICTIM_HOST), None)
+                victim = next((pid for pid, host in _workers(proc.pid).items() if host[0] == VICTIM_HOST), None)
             time.sleep(0.5)
+        assert _workers(proc.pid)[victim][1] == str(victim_rank)  # hosts ranked in the order listed
         os.kill(victim, signal.SIGKILL)
         rc = proc.wait(timeout=400)
     finally:
@@ -168,6 +174,7 @@ def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framew
     wall = time.monotonic() - t0
     assert rc == 0, explain(res)
     assert "membership epoch 1" in res.stderr and "membership epoch 2" in res.stderr, explain(res)
+    assert ("rank 0's process was lost" in res.stderr) == (victim_rank == 0), explain(res)
 
     client = _client(uri)
     runs = [r for r in _runs(uri) if r.data.tags.get(keys.TAG_ELASTIC) == "true"
@@ -175,6 +182,7 @@ def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framew
     (parent,) = [r for r in runs if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_PARENT]
     children = [r for r in runs if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_RANK]
     assert parent.info.status == "FINISHED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
     assert parent.data.tags[keys.TAG_MEMBERSHIP_CHANGES] == "2"
 
     # world_size as a series: 3, then 2 after the kill, then 3 again once the host is back
@@ -214,5 +222,5 @@ def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framew
     assert [e["size"] for e in record["epochs"]] == [3, 2, 3]
     assert [e["reason"] for e in record["epochs"]] == ["start", "failure", "hosts_updated"]
     assert record["epochs"][1]["hosts"] == ["localhost"] and record["epochs"][2]["hosts"] == sorted(["localhost", VICTIM_HOST])
-    print(f"elastic {framework}: {wall:.0f} s, changes at steps {s1} (3->2) and {s2} (2->3); "
+    print(f"elastic {framework}, rank {victim_rank} killed: {wall:.0f} s, changes at steps {s1} (3->2) and {s2} (2->3); "
           f"T per epoch {[round(tput[s]) for s in (s0, s1, s2)]} samples/s, E {[round(eff[s], 2) for s in (s0, s1, s2)]}")

@@ -272,7 +272,7 @@ class JobTracker:
         self._started = False
         self._finished = False
         self._proc: Any = None
-        self._history: list[float] = []  # parent samples_per_sec per gather (rank 0)
+        self._history: list[float] = []  # parent samples_per_sec per gather (every rank)
         self._nonfinite = 0
         self._baseline: Any = None  # efficiency.Baseline checked by start()
         self._parent_tags: dict[str, str] = {}
@@ -557,6 +557,7 @@ class JobTracker:
             step, ts, wait = self._inflight
             self._inflight = None
             table = np.asarray(wait(), dtype=np.float64).reshape(self.world.size, _NCOLS)
+            self._record_history(table)
             self._emit(step, table, ts)
 
     def _gather(self, step: int, final: bool = False) -> None:
@@ -581,7 +582,14 @@ class JobTracker:
             self._inflight = (step, now_ms(), self._gather_async(vec))
             return
         table = np.asarray(self._gather_fn(vec), dtype=np.float64).reshape(self.world.size, _NCOLS)
+        self._record_history(table)
         self._emit(step, table)
+
+    def _record_history(self, table: np.ndarray) -> None:
+        # Every rank, not only the writer: the table is an allgather, and a survivor that becomes
+        # rank 0 of an elastic job needs the job's throughput so far (membership epochs' T).
+        if keys.SAMPLES_PER_SEC not in self._skip:
+            self._history.append(math.fsum(table[:, _SPS].tolist()))
 
     def _emit_gather(self, step: int, table: np.ndarray, ts: int | None = None) -> None:
         ts = now_ms() if ts is None else ts
@@ -599,7 +607,6 @@ class JobTracker:
             # fsum: the exact sum of the values the children store, whatever order one adds them in.
             total = math.fsum(table[:, _SPS].tolist())
             metrics.append([keys.SAMPLES_PER_SEC, total, ts, step])
-            self._history.append(total)
         if keys.LOSS not in self._skip:
             metrics.append([keys.LOSS, math.fsum(table[:, _LOSS].tolist()) / self.world.size, ts, step])
         median = float(np.median(step_times))
@@ -660,7 +667,7 @@ class JobTracker:
 
     def throughput(self) -> float | None:
         """This job's T: mean parent samples_per_sec, without the first (warm-up) interval when
-        there are at least two. Known on rank 0 only; None elsewhere or before any gather."""
+        there are at least two (every rank gets the gathered table). None before any gather."""
         from hvdkit.tracking.efficiency import history_throughput
 
         return history_throughput(self._history)
