@@ -208,6 +208,38 @@ def _exit(rc: int) -> None:
         os._exit(rc)
 
 
+def log_job_artifacts(tracker, summary, loaded) -> None:
+    """What a finished job leaves on its parent run: Horovod's timeline and autotune log, the
+    last checkpoint, the recipe (rank 0; a no-op elsewhere)."""
+    for env_key in ("HOROVOD_TIMELINE", "HOROVOD_AUTOTUNE_LOG"):
+        if os.environ.get(env_key) and os.path.exists(os.environ[env_key]):
+            tracker.log_artifact(os.environ[env_key], "horovod")
+    if summary.checkpoint:
+        tracker.log_artifact(summary.checkpoint, "checkpoints")
+    if loaded.source.exists():
+        tracker.log_artifact(str(loaded.source), "recipe")
+
+
+def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish=None) -> None:
+    """End the runs with ``status`` and record it in the job's manifest (``job``: rank 0's
+    JobFolder, None on the other ranks), then restore the signal handlers ``previous``.
+
+    Ending the runs must not be cut short by a signal (horovodrun's SIGTERM after a peer
+    failed, a second Ctrl-C): _Killed raised inside finish() would leave them RUNNING."""
+    for sig in previous:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        if before_finish is not None:
+            before_finish()
+        tracker.finish(status)
+        if job is not None:
+            done = {"steps": steps} if status == "FINISHED" else {}
+            job.update(status=status, runs={**job.manifest.get("runs", {}), **tracker.run_ids()}, **done)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None,
           resume=None, force=False) -> int:
     from hvdkit.core import load_builtin, print_summary, run_training
@@ -242,7 +274,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     tracker = open_job_tracker(config, world, gather=backend.gather, broadcast_object=backend.broadcast_object,
                                gather_async=getattr(backend, "gather_async", None))
     previous = {sig: signal.signal(sig, _stop_handler(backend.rank)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    status = "FAILED"
+    status, summary = "FAILED", None
     try:
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
                                                     "hvdkit.batch_size": str(recipe.batch_size)})
@@ -263,31 +295,14 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         marks["train_end"] = time.time()
         threads = {"train_start": threads_at_start, "train_end": _thread_cpu_s()} if threads_at_start else None
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
-        for env_key in ("HOROVOD_TIMELINE", "HOROVOD_AUTOTUNE_LOG"):
-            if os.environ.get(env_key) and os.path.exists(os.environ[env_key]):
-                tracker.log_artifact(os.environ[env_key], "horovod")
-        if summary.checkpoint:
-            tracker.log_artifact(summary.checkpoint, "checkpoints")
-        if loaded.source.exists():
-            tracker.log_artifact(str(loaded.source), "recipe")
+        log_job_artifacts(tracker, summary, loaded)
         status = "FINISHED"
         return 0
     except _Killed:
         status = "KILLED"
         return 130
     finally:
-        # Ending the runs must not be cut short by a signal (horovodrun's SIGTERM after a peer
-        # failed, a second Ctrl-C): _Killed raised inside finish() would leave them RUNNING.
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            tracker.finish(status)
-            if backend.rank == 0:
-                done = {"steps": summary.steps} if status == "FINISHED" else {}
-                job.update(status=status, runs={**job.manifest.get("runs", {}), **tracker.run_ids()}, **done)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        end_job(tracker, job if backend.rank == 0 else None, status, summary.steps if summary else 0, previous)
         if summary_json and status == "FINISHED" and backend.rank == 0:
             marks["finished"] = time.time()
             _write_summary_json(summary_json, summary, recipe, backend.size, marks, threads)

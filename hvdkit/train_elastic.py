@@ -38,6 +38,8 @@ def train_elastic(loaded, backend, data, *, no_track=False, log_every=None, expe
         _progress_bar,
         _stop_handler,
         _tracking_config,
+        end_job,
+        log_job_artifacts,
     )
 
     recipe = loaded.recipe
@@ -89,29 +91,18 @@ def train_elastic(loaded, backend, data, *, no_track=False, log_every=None, expe
             on_finish=(lambda step: tracker.flush_interval()) if tracking is not None else None,
             commit_every=config.log_every, progress=progress, job=lambda: job_box.get("job"))
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
-        if summary.checkpoint:
-            tracker.log_artifact(summary.checkpoint, "checkpoints")
-        if loaded.source.exists():
-            tracker.log_artifact(str(loaded.source), "recipe")
+        log_job_artifacts(tracker, summary, loaded)
         status = "FINISHED"
         return 0
     except _Killed:
         status = "KILLED"
         return 130
     finally:
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            if tracking is not None and backend.rank == 0:
-                tracking.close(summary.steps if summary else getattr(tracker, "_last_step", 0), status)
-            tracker.finish(status)
-            job_now = job_box.get("job")
-            if backend.rank == 0 and job_now is not None and tracker.run_id:
-                done = {"steps": summary.steps} if status == "FINISHED" and summary else {}
-                job_now.update(status=status, runs={**job_now.manifest.get("runs", {}), **tracker.run_ids()}, **done)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        steps = summary.steps if summary else getattr(tracker, "_last_step", 0)
+        # Rank 0 now may be a survivor that took over: its job folder is the one broadcast.
+        job_now = job_box.get("job") if backend.rank == 0 and tracker.run_id else None
+        close = (lambda: tracking.close(steps, status)) if tracking is not None and backend.rank == 0 else None
+        end_job(tracker, job_now, status, steps, previous, before_finish=close)
 
 
 __all__ = ["train_elastic"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from _paced import write_paced_recipe
 from conftest import BIN, explain, hvdkit, worker_env
 from hvdkit.tracking import keys
 
@@ -34,56 +35,6 @@ STEP_S = 0.05
 KILL_AT_GATHERS = 6  # the parent's world_size points at 3 ranks before the kill
 VICTIM_HOST = "127.0.0.1"
 
-PACED_RECIPE = '''
-"""digits through one linear layer whose forward sleeps: a job of known length on any machine."""
-import time
-
-from hvdkit.recipe import PythonRecipe
-
-STEP_S = {step_s}
-
-
-class Paced(PythonRecipe):
-    config = {{
-        "name": "paced-elastic",
-        "model": {{"name": "custom"}},
-        "data": {{"name": "digits"}},
-        "batch_size": 16,
-        "steps": {steps},
-        "eval": {{"enabled": True}},
-        "checkpoint": {{"dir": None}},
-        "log": {{"every_steps": {log_every}, "progress": False}},
-    }}
-
-    def build_model(self, framework, input_shape, num_classes):
-        width = 1
-        for d in input_shape:
-            width *= d
-        if framework == "torch":
-            import torch
-
-            class PacedLinear(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.fc = torch.nn.Linear(width, num_classes)
-
-                def forward(self, x):
-                    time.sleep(STEP_S)
-                    return self.fc(x.flatten(1))
-
-            return PacedLinear()
-        import keras
-        import numpy as np
-        import tensorflow as tf
-
-        def pause(x):
-            # runs at every call of the traced step, not once while tracing
-            z = tf.numpy_function(lambda: np.float32(time.sleep(STEP_S) or 0.0), [], tf.float32)
-            return x + tf.reshape(z, [1, 1]) * 0.0
-
-        return keras.Sequential([keras.layers.Input(shape=input_shape), keras.layers.Flatten(),
-                                 keras.layers.Dense(num_classes), keras.layers.Lambda(pause)])
-'''
 
 
 def _client(uri):
@@ -136,8 +87,8 @@ def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framew
     survivor, the new rank 0, writes the same runs from there on."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = worker_env(MLFLOW_TRACKING_URI=uri)
-    recipe = tmp_path / "paced.py"
-    recipe.write_text(PACED_RECIPE.format(steps=STEPS, log_every=LOG_EVERY, step_s=STEP_S))
+    recipe = write_paced_recipe(tmp_path / "paced.py", name="paced-elastic", steps=STEPS, log_every=LOG_EVERY, step_s=STEP_S,
+                                batch_size=16, evaluate=True)
     hosts = tmp_path / "hosts.txt"
     listed = ["localhost:2", f"{VICTIM_HOST}:1"]
     hosts.write_text("\n".join(listed if victim_rank == 2 else listed[::-1]) + "\n")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from _paced import write_paced_recipe
 from _server import Server, drop_database, free_port, launch, listening, postgres_uri, session_pids, stop, wait_healthy
 from conftest import BIN, hvdkit, worker_env
 from hvdkit.tracking import keys
@@ -41,43 +42,6 @@ PARENT_KEYS = {keys.WORLD_SIZE, keys.SAMPLES_PER_SEC, keys.LOSS, keys.STRAGGLER_
 
 pytestmark = [pytest.mark.slow, pytest.mark.horovod]
 
-PACED_RECIPE = '''
-"""digits through one linear layer whose forward sleeps: a job of known length on any machine."""
-import time
-
-from hvdkit.recipe import PythonRecipe
-
-
-class Paced(PythonRecipe):
-    config = {{
-        "name": "paced",
-        "model": {{"name": "custom"}},
-        "data": {{"name": "digits"}},
-        "batch_size": 32,
-        "steps": {steps},
-        "eval": {{"enabled": False}},
-        "checkpoint": {{"dir": None}},
-        "log": {{"every_steps": {log_every}, "progress": False}},
-    }}
-
-    def build_model(self, framework, input_shape, num_classes):
-        import torch
-
-        width = 1
-        for d in input_shape:
-            width *= d
-
-        class PacedLinear(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = torch.nn.Linear(width, num_classes)
-
-            def forward(self, x):
-                time.sleep({step_s})
-                return self.fc(x.flatten(1))
-
-        return PacedLinear()
-'''
 
 
 # -- the server, stopped and started again on the same port and database -------------------------
@@ -143,8 +107,7 @@ class Job:
 
     def __init__(self, srv: OutageServer, tmp: Path, steps: int, experiment: str) -> None:
         self.tmp, self.steps, self.experiment = tmp, steps, experiment
-        recipe = tmp / "paced.py"
-        recipe.write_text(PACED_RECIPE.format(steps=steps, log_every=LOG_EVERY, step_s=STEP_S))
+        recipe = write_paced_recipe(tmp / "paced.py", name="paced", steps=steps, log_every=LOG_EVERY, step_s=STEP_S)
         self.summary = tmp / "summary.json"
         self.out, self.err = tmp / "job.out", tmp / "job.err"
         env = _job_env(srv, HVDKIT_SUMMARY_JSON=str(self.summary))
