@@ -59,6 +59,27 @@ class ElasticSupport(Protocol):
         """Is ``exc`` Horovod's ``HostsUpdatedInterrupt`` (raised by a commit on every rank)?"""
 
 
+def recording_reason(support: Any, fn: Callable[[Any], Any], failure: type[BaseException],
+                     hosts_updated: type[BaseException],
+                     call: Callable[[Callable[[], Any]], Any] = lambda f: f()) -> Callable[[Any], Any]:
+    """``fn`` as the framework layers hand it to ``hvd.elastic.run``: leaving by ``failure``
+    (Horovod's HorovodInternalError) or ``hosts_updated`` (HostsUpdatedInterrupt) first notes why
+    on ``support.reason``, for the membership bookkeeping at the next entry. ``call`` runs it
+    (TensorFlow converts its op errors there)."""
+
+    def body(state: Any) -> Any:
+        try:
+            return call(lambda: fn(state))
+        except failure:
+            support.reason = FAILURE
+            raise
+        except hosts_updated:
+            support.reason = HOSTS_UPDATED
+            raise
+
+    return body
+
+
 def epoch_batches(num_samples: int, batch_size: int, rank: int, size: int, seed: int, epoch: int,
                   offset: int) -> Iterator[np.ndarray]:
     """This rank's batches of ``epoch`` from sample ``offset`` of its permutation on, at world
@@ -208,4 +229,4 @@ def run_elastic_training(
     return support.run(train)(state)
 
 
-__all__ = ["FAILURE", "HOSTS_UPDATED", "START", "ElasticSupport", "epoch_batches", "run_elastic_training", "steps_per_epoch"]
+__all__ = ["FAILURE", "HOSTS_UPDATED", "START", "ElasticSupport", "epoch_batches", "recording_reason", "run_elastic_training", "steps_per_epoch"]

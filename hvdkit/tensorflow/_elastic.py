@@ -21,7 +21,7 @@ import numpy as np
 
 from hvdkit._frameworks import require
 from hvdkit.core import shard_eval
-from hvdkit.core.elastic import FAILURE, HOSTS_UPDATED, START
+from hvdkit.core.elastic import FAILURE, START, recording_reason
 
 tf, hvd = require("tensorflow")
 
@@ -124,17 +124,7 @@ class ElasticSupport:
         return KerasState(self.backend, on_failure=lambda: setattr(self, "reason", FAILURE), **progress)
 
     def run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        def body(state: Any) -> Any:
-            try:
-                return _converted(lambda: fn(state))
-            except HorovodInternalError:
-                self.reason = FAILURE
-                raise
-            except HostsUpdatedInterrupt:
-                self.reason = HOSTS_UPDATED
-                raise
-
-        return run_fn(body, _reset)
+        return run_fn(recording_reason(self, fn, HorovodInternalError, HostsUpdatedInterrupt, call=_converted), _reset)
 
     def on_reset(self) -> None:
         b = self.backend

@@ -25,7 +25,7 @@ import numpy as np
 
 from hvdkit._frameworks import require
 from hvdkit.core import shard_eval
-from hvdkit.core.elastic import FAILURE, HOSTS_UPDATED, START
+from hvdkit.core.elastic import FAILURE, START, recording_reason
 
 torch, hvd = require("torch")
 
@@ -97,17 +97,7 @@ class ElasticSupport:
         return state
 
     def run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        def body(state: Any) -> Any:
-            try:
-                return fn(state)
-            except HorovodInternalError:
-                self.reason = FAILURE
-                raise
-            except HostsUpdatedInterrupt:
-                self.reason = HOSTS_UPDATED
-                raise
-
-        return hvd_elastic.run(body)
+        return hvd_elastic.run(recording_reason(self, fn, HorovodInternalError, HostsUpdatedInterrupt))
 
     def on_reset(self) -> None:
         b = self.backend
