@@ -11,6 +11,12 @@ Elastic jobs get one more correction: Horovod's host discovery reads the script'
 set and ranks hosts it has not seen before in that set's order, which changes from one launch to
 the next (string hashing is salted per process), so rank 0 landed on any host. Here new hosts
 are ranked in the order the discovery lists them, as a static ``-H`` list is: rank 0 on the first.
+
+Two corrections keep secrets and hosts honest (see hvdkit.launch): every ssh command Horovod's
+runner builds checks host keys (no ``StrictHostKeyChecking=no``; BatchMode), and the ``env
+NAME=VALUE ...`` command line Gloo starts each rank with never names a secret. A local rank still
+gets it, inherited from this process's environment (which is not on any command line); a remote
+one does not, and the launcher already left secrets out of a multi-host job's environment.
 """
 
 from __future__ import annotations
@@ -51,11 +57,27 @@ def _rank_hosts_in_discovery_order() -> None:
     discovery.HostManager.order_available_hosts = staticmethod(order_available_hosts)
 
 
+def _keep_secrets_off_command_lines() -> None:
+    from horovod.runner import gloo_run
+
+    from hvdkit.tracking._credentials import strip_secrets
+
+    build = gloo_run._slot_info_to_command_fn
+
+    def slot_info_to_command_fn(run_command, env):
+        # Each rank's command is "env HOROVOD_RANK=... NAME=VALUE ... python ...", run by a shell
+        # (ps shows it) or inside the ssh command for a remote host.
+        return build(run_command, strip_secrets(env)[0])
+
+    gloo_run._slot_info_to_command_fn = slot_info_to_command_fn  # launch_gloo and elastic look it up per call
+
+
 def main() -> None:
     import horovod.common.util as util
     import horovod.runner.launch as launch
 
     from hvdkit.build import _env
+    from hvdkit.launch import use_host_key_checking
 
     marker = _env.installed_build() or {}
     controllers = marker.get("controllers")
@@ -67,6 +89,8 @@ def main() -> None:
             mod.gloo_built = lambda verbose=False: bool(controllers.get("gloo"))
             mod.mpi_built = lambda verbose=False: bool(controllers.get("mpi"))
     _rank_hosts_in_discovery_order()
+    use_host_key_checking()
+    _keep_secrets_off_command_lines()
     sys.argv[0] = "horovodrun"
     launch.run_commandline()
 

@@ -149,7 +149,8 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
         np_ = np_ if np_ is not None else 1
     opts = L.LaunchOptions(np=np_, hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
                            autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
-                           cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file)
+                           cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file,
+                           track=not no_track)
     L.set_elastic(opts, **elastic)
     host_slots = L.resolve_hosts(opts)
     L.check_framework_built(loaded.recipe.framework)
@@ -189,9 +190,11 @@ def sync(spool_dir, tracking_uri) -> None:
     """Replay a job's spool (left when the MLflow store was unreachable) into the store."""
     from hvdkit.tracking import sync_spool
 
+    from hvdkit.tracking._credentials import mask_uri
+
     rep = sync_spool(spool_dir, tracking_uri)
     click.echo(f"hvdkit: {rep.applied} events applied, {rep.skipped} skipped (already applied)"
-               f"{f', {rep.dropped} rejected by the store' if rep.dropped else ''} -> {rep.tracking_uri}")
+               f"{f', {rep.dropped} rejected by the store' if rep.dropped else ''} -> {mask_uri(rep.tracking_uri)}")
     parent = rep.runs.get("parent")
     if parent:
         click.echo(f"hvdkit: parent run {parent}, {sum(1 for r in rep.runs if r.startswith('rank'))} rank run(s)")

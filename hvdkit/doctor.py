@@ -84,7 +84,9 @@ def diagnose() -> Report:
     if ops["mpi"] and not _env.find_mpi()["mpirun"]:
         r.problems.append("Horovod was built with MPI but mpirun is not on PATH — fix: apt-get install openmpi-bin")
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    from hvdkit.tracking._credentials import mask_uri
+
+    uri = mask_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")  # never print a password
     r.lines += ["Tracking", f"  MLFLOW_TRACKING_URI  {uri}{'' if os.environ.get('MLFLOW_TRACKING_URI') else '  (embedded default)'}"]
 
     # Known-bad combinations and their fixes.

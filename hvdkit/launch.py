@@ -16,10 +16,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hvdkit.build import _env
 from hvdkit.errors import LaunchError
-from hvdkit.recipe import LoadedRecipe
+from hvdkit.tracking import _credentials
+
+if TYPE_CHECKING:  # only an annotation here; hvdkit._horovodrun imports this module and stays light
+    from hvdkit.recipe import LoadedRecipe
 
 # horovodrun's own host grammar ([\w.-]+, see horovod.runner.common.util.hosts); hvdkit also takes
 # a bare host (one slot) and hands horovodrun the normalized list (hosts_arg).
@@ -50,6 +54,10 @@ class LaunchOptions:
     reset_limit: int | None = None
     blacklist_cooldown: tuple[int, int] | None = None
     network_interface: str | None = None
+    # Secrets (see worker_env): whether the job writes to MLflow, and whether it spans hosts (None:
+    # not decided yet; check_ssh decides it from the hosts it checked).
+    track: bool = True
+    multi_host: bool | None = None
 
 
 def parse_hosts(spec: str) -> list[tuple[str, int]]:
@@ -169,6 +177,27 @@ def check_framework_built(framework: str) -> None:
 
 
 def worker_env(opts: LaunchOptions) -> dict[str, str]:
+    """horovodrun's environment, which it forwards to every rank. A job that spans hosts leaves its
+    secrets on the launcher (named in one line on stderr): see :func:`forwarded_env`."""
+    env, removed = forwarded_env(opts)
+    if removed:
+        print("hvdkit: kept on the launcher, not forwarded to the hosts: " + ", ".join(removed), file=sys.stderr,
+              flush=True)
+    return env
+
+
+def forwarded_env(opts: LaunchOptions, hosts: list[tuple[str, int]] | None = None) -> tuple[dict[str, str], list[str]]:
+    """(the environment horovodrun gets, the names of the secrets taken out of it).
+
+    horovodrun copies its whole environment to each rank: for a remote rank onto the ssh command
+    line (Gloo: ``ssh HOST 'env NAME=VALUE ... python ...'``, readable in ``ps`` on the launcher and
+    the host), or, with --mpi, to Open MPI's daemons over their unencrypted TCP channel (every
+    name is an ``-x NAME`` of mpirun). Local ranks inherit it from the launcher (hvdkit._horovodrun
+    keeps secrets out of their ``env`` command line too). So when any rank may run on another host,
+    passwords, tokens, cloud keys and URIs with a password stay here, and rank 0 reads MLflow's
+    credentials from a file on its host (hvdkit.tracking._credentials). An MLFLOW_TRACKING_URI with a
+    password cannot stay behind (rank 0 needs the store): refused, one line.
+    """
     env = dict(os.environ, **opts.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -176,7 +205,37 @@ def worker_env(opts: LaunchOptions) -> dict[str, str]:
         # Open MPI refuses to run as root without both (containers usually run as root).
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return env
+    if opts.multi_host is None:
+        opts.multi_host = spans_hosts(opts, hosts)
+    if not opts.multi_host:
+        return env, []
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if opts.track and _credentials.uri_password(uri):
+        raise LaunchError(f"MLFLOW_TRACKING_URI {_credentials.mask_uri(uri)} holds a password, which horovodrun "
+                          "would copy onto every remote rank's command line",
+                          fix="take it out of the URI; for an MLflow server put user and password in a credentials "
+                              f"file on rank 0's host ({_credentials.DEFAULT_FILE} or ${_credentials.ENV_FILE}, mode 600), "
+                              "for a database use its client's password file (PostgreSQL: ~/.pgpass)")
+    if opts.controller == "mpi" and not env.get("OMPI_MCA_plm_rsh_agent"):
+        # mpirun's own ssh: fail on a host key it cannot check instead of prompting (see SSH_COMMAND_PREFIX).
+        env["OMPI_MCA_plm_rsh_agent"] = "ssh -o BatchMode=yes"
+    return _credentials.strip_secrets(env)
+
+
+def spans_hosts(opts: LaunchOptions, hosts: list[tuple[str, int]] | None = None) -> bool:
+    """May a rank of this job run on another host than the launcher? Yes when a host is not one of
+    this machine's addresses (horovodrun's own test), and for an elastic job whose hosts can change
+    (a host that joins later gets the same environment)."""
+    if opts.elastic and _discovery_command(opts) is not None:
+        return True
+    if hosts is None:
+        hosts = parse_hosts(opts.hosts) if opts.hosts else parse_hostfile(opts.hostfile) if opts.hostfile else []
+    names = list(dict.fromkeys(h for h, _ in hosts))
+    if all(h in ("localhost", "127.0.0.1") for h in names):
+        return False
+    from horovod.runner.util import network
+
+    return bool(network.filter_local_addresses(names))
 
 
 def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: list[str], overrides: list[str]) -> list[str]:
@@ -337,55 +396,152 @@ def _killpg(pgid: int, signum: int) -> None:
 
 
 SSH_CHECK_TIMEOUT_S = 10
-_SSH_FIXES = (  # (what ssh said, how to fix it); {h} is the host
+# horovodrun's ssh prefix is "ssh -o PasswordAuthentication=no -o StrictHostKeyChecking=no": any
+# host key accepted, so whoever answers on a host's address gets the job (and its environment).
+# hvdkit drops the StrictHostKeyChecking option, so the user's known_hosts and ssh config decide,
+# and adds BatchMode (no prompt for a key nobody can answer; fail instead). Installed into
+# Horovod's runner by use_host_key_checking() in the launcher (check_ssh) and in hvdkit._horovodrun,
+# so every ssh horovodrun issues (checks, task servers, ranks, elastic workers) takes it.
+SSH_COMMAND_PREFIX = "ssh -o PasswordAuthentication=no -o BatchMode=yes"
+
+
+def use_host_key_checking() -> None:
+    from horovod.runner.util import remote
+
+    remote.SSH_COMMAND_PREFIX = SSH_COMMAND_PREFIX  # get_ssh_command reads the module global per call
+
+
+def _keyscan(host: str, opts: LaunchOptions) -> str:
+    return f"ssh-keyscan -p {opts.ssh_port or 22} {host}"
+
+
+_SSH_FIXES = (  # (what ssh said, how to fix it); {h} is the host, {scan} the ssh-keyscan command for it
     ("Permission denied", "authorize the key on {h} (the remote user's ~/.ssh/authorized_keys) or pass the right one with -i KEY"),
     ("Connection refused", "start sshd on {h}, or pass its port with -p PORT"),
     ("Could not resolve hostname", "fix the host name {h} in -H/--hostfile"),
-    ("Host key verification failed", "update ~/.ssh/known_hosts for {h}"),
-    ("IDENTIFICATION HAS CHANGED", "update ~/.ssh/known_hosts for {h}"),
+    ("host key changed", "if {h} was reinstalled, remove its old key (ssh-keygen -R {h}) and add the new one to "
+                         "~/.ssh/known_hosts after checking its fingerprint (`{scan}`); otherwise someone else answers "
+                         "on its address"),
+    ("Host key verification failed", "add {h}'s host key to ~/.ssh/known_hosts after checking its fingerprint "
+                                     "(`{scan}` prints it) — hvdkit does not skip host-key checks"),
 )
+
+# Run on rank 0's host by check_ssh's probe: is the credentials file there, readable, private, with
+# a password in it? Prints one "hvdkit-cred ..." line; $1 is the file.
+_CRED_PROBE = ('f="$1"; if [ -r "$f" ]; then printf "hvdkit-cred %s %s\\n" "$(stat -L -c %a "$f")" '
+               '"$(grep -ci "^[[:space:]]*' + _credentials.PASSWORD_KEY + '[[:space:]]*[=:]" "$f")"; '
+               'elif [ -e "$f" ]; then echo "hvdkit-cred unreadable"; else echo "hvdkit-cred missing"; fi')
+
+
+def _credentials_needed(opts: LaunchOptions, env: dict[str, str], removed: list[str]) -> bool:
+    """Does rank 0 need a credentials file: a tracked job on an MLflow server whose launcher had a
+    password (stripped from the ranks' environment) or reads one from a file itself?"""
+    if not opts.track or not env.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        return False
+    if {"MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"} & set(removed):
+        return True
+    try:
+        return _credentials.find_source().kind == "file"
+    except Exception:  # noqa: BLE001 - the launcher's own file was checked (and refused) before this
+        return False
+
+
+def _credentials_error(host: str, path: str, said: str, ssh_user_note: str = "") -> LaunchError | None:
+    """check_ssh's refusal for rank 0's credentials file as the probe on ``host`` saw it (``said``:
+    the "hvdkit-cred ..." line), None when it is usable."""
+    why = "horovodrun would put MLFLOW_TRACKING_PASSWORD on the ssh command line, so hvdkit does not forward it"
+    example = (f"[mlflow] / {_credentials.USERNAME_KEY} = USER / {_credentials.PASSWORD_KEY} = PASSWORD, "
+               f"or set {_credentials.ENV_FILE} to the file the cluster mounts")
+    parts = said.split()
+    if parts[1:2] == ["missing"]:
+        return LaunchError(f"rank 0's host {host} has no MLflow credentials file {path} ({why})",
+                           fix=f"create it on {host} with mode 600: {example}")
+    if parts[1:2] == ["unreadable"]:
+        return LaunchError(f"MLflow credentials file {path} on {host} is not readable{ssh_user_note}",
+                           fix=f"make it readable by the job's user on {host} (chown USER {path}; chmod 600 {path})")
+    try:
+        mode, passwords = int(parts[1], 8), int(parts[2])
+    except (IndexError, ValueError):
+        return LaunchError(f"cannot check the MLflow credentials file {path} on {host} (the probe printed {said!r})",
+                           fix=f"check that {host} has a POSIX sh, stat and grep")
+    problem = _credentials.mode_problem(path, mode)
+    if problem:
+        return LaunchError(f"{problem.message} (on {host})", fix=f"chmod 600 {path} on {host}")
+    if not passwords:
+        return LaunchError(f"MLflow credentials file {path} on {host} holds no {_credentials.PASSWORD_KEY}",
+                           fix=f"write it as {example}")
+    return None
 
 
 def check_ssh(hosts: list[tuple[str, int]], opts: LaunchOptions) -> None:
     """ssh once to every remote host, in parallel, before horovodrun starts anything.
 
     horovodrun checks too, but retries each host five times and reports a failure as a
-    traceback; here an unreachable host or a refused key costs one line naming the host, and
-    exit 2. It is horovodrun's own ssh command (same options, -p, -i, ~/.ssh/config), so what
-    passes here passes there. Skipped under the Kubeflow MPI Operator's exec-based launcher.
+    traceback; here an unreachable host, a refused key or an unknown host key costs one line
+    naming the host, and exit 2. It is horovodrun's own ssh command (same options, -p, -i,
+    ~/.ssh/config, host keys checked: see SSH_COMMAND_PREFIX), so what passes here passes there.
+    When the job spans hosts and rank 0 needs MLflow credentials (its password was kept on the
+    launcher), the probe of rank 0's host also checks the credentials file rank 0 will read.
+    The ssh part is skipped under the Kubeflow MPI Operator's exec-based launcher.
     """
+    import shlex
     from concurrent.futures import ThreadPoolExecutor
 
     from horovod.runner.common.util import env as hvd_env
     from horovod.runner.util import network, remote
 
-    if hvd_env.is_kubeflow_mpi():
-        return
-    remote_hosts = network.filter_local_addresses(list(dict.fromkeys(h for h, _ in hosts)))
-    if not remote_hosts:
+    use_host_key_checking()
+    names = list(dict.fromkeys(h for h, _ in hosts))
+    remote_hosts = network.filter_local_addresses(names) if not all(h in ("localhost", "127.0.0.1") for h in names) else []
+    opts.multi_host = bool(remote_hosts) or spans_hosts(opts, hosts)
+    env, removed = forwarded_env(opts, hosts)  # refuses a tracking URI with a password first
+    rank0 = hosts[0][0] if hosts else None
+    cred_path = None
+    if opts.multi_host and rank0 and _credentials_needed(opts, env, removed):
+        cred_path = str(_credentials.credentials_path(env))
+        if env.get(_credentials.ENV_FILE):
+            cred_path = os.path.join(os.getcwd(), cred_path)  # horovodrun starts ranks in this directory
+        if rank0 not in remote_hosts:  # rank 0 on this machine: look at the file here
+            source = _credentials.find_source(env)  # an unsafe or missing named file raises, one line
+            if source.kind != "file" or not source.has_password:
+                said = "hvdkit-cred missing" if source.kind != "file" else "hvdkit-cred 600 0"
+                raise _credentials_error(rank0, cred_path, said)
+    if hvd_env.is_kubeflow_mpi() or not remote_hosts:
         return
 
-    def probe(host: str) -> tuple[str, str | None]:
-        cmd = remote.get_ssh_command("true", host, port=opts.ssh_port, identity_file=opts.ssh_identity_file,
+    def probe(host: str) -> tuple[str, str | None, str]:
+        command = "true"
+        if cred_path and host == rank0:
+            command = shlex.quote("sh -c " + shlex.quote(_CRED_PROBE) + " hvdkit " + shlex.quote(cred_path))
+        cmd = remote.get_ssh_command(command, host, port=opts.ssh_port, identity_file=opts.ssh_identity_file,
                                      timeout_s=SSH_CHECK_TIMEOUT_S)
         try:
             res = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                  timeout=SSH_CHECK_TIMEOUT_S + 20)
         except subprocess.TimeoutExpired:
-            return host, f"no answer within {SSH_CHECK_TIMEOUT_S + 20} s"
+            return host, f"no answer within {SSH_CHECK_TIMEOUT_S + 20} s", ""
         if res.returncode == 0:
-            return host, None
+            return host, None, res.stdout
+        if "IDENTIFICATION HAS CHANGED" in res.stderr:
+            return host, "host key changed", ""
         said = [ln.strip() for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("Warning: Permanently added")]
-        return host, said[-1] if said else f"ssh exited with {res.returncode}"
+        return host, said[-1] if said else f"ssh exited with {res.returncode}", ""
 
     with ThreadPoolExecutor(max_workers=min(32, len(remote_hosts))) as pool:
-        failed = [(h, why) for h, why in pool.map(probe, remote_hosts) if why]
-    if not failed:
-        return
-    host, why = failed[0]
-    fix = next((f for needle, f in _SSH_FIXES if needle in why),
-               "check that {h} is up and reachable, and that `ssh {h} true` works without a password (-p PORT, -i KEY)")
-    raise LaunchError("cannot ssh to " + ", ".join(f"{h} ({w})" for h, w in failed), fix=fix.format(h=host))
+        results = list(pool.map(probe, remote_hosts))
+    failed = [(h, why) for h, why, _ in results if why]
+    if failed:
+        host, why = failed[0]
+        fix = next((f for needle, f in _SSH_FIXES if needle in why),
+                   "check that {h} is up and reachable, and that `ssh {h} true` works without a password (-p PORT, -i KEY)")
+        raise LaunchError("cannot ssh to " + ", ".join(f"{h} ({w})" for h, w in failed),
+                          fix=fix.format(h=host, scan=_keyscan(host, opts)))
+    for host, _, out in results:
+        if cred_path and host == rank0:
+            said = next((ln.strip() for ln in out.splitlines() if ln.startswith("hvdkit-cred")), "hvdkit-cred ?")
+            error = _credentials_error(host, cred_path, said, " by the ssh user")
+            if error:
+                raise error
 
 
 # -- elastic -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,11 +54,17 @@ def port_free(port: int, host: str = HOST) -> bool:
     return True
 
 
-def server_command(tracking_uri: str, port: int) -> list[str]:
+def server_command(port: int) -> list[str]:
     # One worker: a local UI serves one person, and the default 4 would each load the store on a
     # small machine. Artifacts of runs logged straight to the store keep their own (local) paths.
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
-            "--host", HOST, "--port", str(port), "--workers", "1"]
+    # The store itself goes in server_env: a database URI may hold a password, and argv is public.
+    return [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1"]
+
+
+def server_env(tracking_uri: str) -> dict[str, str]:
+    """The UI server's environment: ours plus the store, read by ``mlflow server``'s
+    ``--backend-store-uri`` option from MLFLOW_BACKEND_STORE_URI."""
+    return dict(os.environ, MLFLOW_BACKEND_STORE_URI=tracking_uri)
 
 
 def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = START_TIMEOUT_S) -> None:
@@ -91,15 +98,20 @@ def _can_open_browser() -> bool:
 def serve(port: int = 5000, tracking_uri: str | None = None, experiment: str = "hvdkit", open_browser: bool = True,
           echo: Callable[[str], None] = print) -> int:
     """Run the UI until interrupted; returns the exit code for the CLI."""
+    from hvdkit.tracking._credentials import mask_uri
     from hvdkit.tracking._uri import absolute_uri, is_remote, resolve_tracking_uri
 
     uri = absolute_uri(resolve_tracking_uri(tracking_uri))
+    shown = mask_uri(uri)  # what is printed: never a password from the URI
     if uri.startswith("databricks"):
-        raise UsageError(f"tracking URI {uri} is a Databricks workspace", fix="open the experiment in Databricks")
+        raise UsageError(f"tracking URI {shown} is a Databricks workspace", fix="open the experiment in Databricks")
     if is_remote(uri):
-        # A tracking server already serves its UI: nothing to start.
-        target = Target(uri, uri.rstrip("/"), experiment_id(uri, experiment))
-        echo(f"hvdkit: MLflow UI of {uri}: {target.url}")
+        # A tracking server already serves its UI: nothing to start. The browser gets the URL
+        # without a password (it asks for one itself).
+        parts = urllib.parse.urlsplit(uri)
+        base = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+        target = Target(uri, base, experiment_id(uri, experiment))
+        echo(f"hvdkit: MLflow UI of {shown}: {target.url}")
         if open_browser and _can_open_browser():
             import webbrowser
 
@@ -110,7 +122,7 @@ def serve(port: int = 5000, tracking_uri: str | None = None, experiment: str = "
     if not port_free(port):
         raise UsageError(f"port {port} on {HOST} is in use", fix=f"pass another port, e.g. --port {port + 1}")
     target = Target(uri, f"http://{HOST}:{port}", experiment_id(uri, experiment))
-    proc = subprocess.Popen(server_command(uri, port), start_new_session=True)
+    proc = subprocess.Popen(server_command(port), env=server_env(uri), start_new_session=True)
 
     def stop(signum, _frame):
         raise KeyboardInterrupt
@@ -119,8 +131,8 @@ def serve(port: int = 5000, tracking_uri: str | None = None, experiment: str = "
     try:
         wait_until_up(f"{target.base_url}/health", proc)
         if target.experiment_id is None:
-            echo(f"hvdkit: no experiment {experiment!r} in {uri} yet; listing all experiments")
-        echo(f"hvdkit: MLflow UI of {uri}: {target.url}")
+            echo(f"hvdkit: no experiment {experiment!r} in {shown} yet; listing all experiments")
+        echo(f"hvdkit: MLflow UI of {shown}: {target.url}")
         echo("hvdkit: Ctrl-C stops it")
         if open_browser and _can_open_browser():
             import webbrowser
@@ -142,4 +154,4 @@ def serve(port: int = 5000, tracking_uri: str | None = None, experiment: str = "
                 proc.wait()
 
 
-__all__ = ["Target", "serve", "server_command", "wait_until_up"]
+__all__ = ["Target", "serve", "server_command", "server_env", "wait_until_up"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdkit.errors import TrackingError
+from hvdkit.tracking._credentials import is_masked, mask_uri
 
 FORMAT = 1
 EVENTS = "events.jsonl"
@@ -96,9 +97,12 @@ class Spool:
                 f"cannot create spool directory {directory}: {exc.strerror}",
                 fix="set tracking spool_dir to a writable directory",
             ) from None
+        # A password in the URI is masked (user:***@): the spool outlives the job and may be
+        # copied around; meta() puts the password back from $MLFLOW_TRACKING_URI when it names
+        # the same store.
         _atomic_write_json(
             directory / META,
-            {"format": FORMAT, "job_id": job_id, "tracking_uri": tracking_uri, "created_ms": now_ms()},
+            {"format": FORMAT, "job_id": job_id, "tracking_uri": mask_uri(tracking_uri), "created_ms": now_ms()},
         )
         return cls(directory)
 
@@ -120,9 +124,14 @@ class Spool:
 
     def meta(self) -> dict[str, Any]:
         try:
-            return json.loads((self.dir / META).read_text(encoding="utf-8"))
+            meta = json.loads((self.dir / META).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise TrackingError(f"cannot read {self.dir / META}: {exc}", fix="check the spool directory") from None
+        stored = meta.get("tracking_uri") if isinstance(meta, dict) else None
+        current = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if isinstance(stored, str) and is_masked(stored) and current and mask_uri(current) == stored:
+            meta["tracking_uri"] = current  # the masked store, its password from the environment
+        return meta
 
     # -- lock ---------------------------------------------------------------------------
     def lock(self) -> None:
@@ -208,7 +217,7 @@ class Spool:
             return TargetState()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return TargetState(**data.get("targets", {}).get(target_uri, {}))
+            return TargetState(**data.get("targets", {}).get(mask_uri(target_uri), {}))
         except (OSError, ValueError, TypeError) as exc:
             raise TrackingError(
                 f"cannot read spool state {path}: {exc}",
@@ -223,7 +232,7 @@ class Spool:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 pass
-        data.setdefault("targets", {})[target_uri] = asdict(state)
+        data.setdefault("targets", {})[mask_uri(target_uri)] = asdict(state)  # keyed without the password
         _atomic_write_json(path, data)
 
     def remove(self) -> None:

@@ -16,17 +16,23 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     not depend on the MLflow version, and we never set MLflow's global URI: user code in the same
     process keeps its own.
     """
-    if uri:
-        return uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return DEFAULT_TRACKING_URI
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    _use_credentials(uri)
+    return uri
+
+
+def _use_credentials(uri: str) -> None:
+    # Every way hvdkit reaches a store passes through resolve_tracking_uri or absolute_uri, so this
+    # is the one place a process settles (and reports) where its MLflow credentials come from.
+    from hvdkit.tracking._credentials import use_credentials
+
+    use_credentials(uri)
 
 
 def absolute_uri(uri: str) -> str:
     """The same store named independently of the cwd (for the spool, which may be replayed from
     another directory): ``sqlite:///rel.db`` becomes ``sqlite:////abs/rel.db``; others unchanged."""
+    _use_credentials(uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         path = uri[len(prefix) :]
