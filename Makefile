@@ -12,6 +12,13 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 PYTEST_ARGS ?=
 # Extra `hvdkit build-horovod` flags, e.g. HOROVOD_BUILD_ARGS=--gpu (docker/Dockerfile.gpu sets it).
 HOROVOD_BUILD_ARGS ?=
+# Which extras to install: a dev checkout takes the test tools; the images take only what runs
+# (torch,tensorflow,server on CPU; torch,tensorflow-gpu,server on GPU).
+EXTRAS ?= torch,tensorflow,dev
+# Where pip takes torch from, installed first when set: the images use PyTorch's own wheel index
+# (--index-url https://download.pytorch.org/whl/cpu), as PyPI's Linux torch is the CUDA build.
+TORCH_PIP_ARGS ?=
+TORCH_REQ := $(shell grep -o 'torch==[0-9.]*' pyproject.toml | head -1)
 
 .PHONY: setup system-deps horovod demo test bench lint clean
 .DEFAULT_GOAL := demo
@@ -24,7 +31,8 @@ system-deps:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
-	$(BIN)/python -m pip install -q -e '.[torch,tensorflow,dev]'
+	$(if $(TORCH_PIP_ARGS),$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) '$(TORCH_REQ)')
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	@touch $@
 
 horovod: $(STAMP)

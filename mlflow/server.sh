@@ -2,7 +2,10 @@
 # hvdkit's team MLflow tracking server: PostgreSQL backend store, proxied artifact store, and
 # MLflow's basic-auth app. Configuration comes from the environment (see mlflow/README.md):
 #
-#   MLFLOW_BACKEND_STORE_URI       required  postgresql+psycopg2://ROLE:PASSWORD@HOST:PORT/DB (.ci/postgres prints one)
+#   MLFLOW_BACKEND_STORE_URI       postgresql+psycopg2://ROLE:PASSWORD@HOST:PORT/DB (.ci/postgres prints one), or
+#   MLFLOW_DB_HOST, MLFLOW_DB_PORT (5432), MLFLOW_DB_NAME (mlflow), MLFLOW_DB_USER (mlflow), MLFLOW_DB_PASSWORD
+#                                  the same in parts (compose, Kubernetes): the URI is built here with
+#                                  the role and password URL-encoded, so any password works
 #   MLFLOW_ADMIN_PASSWORD          required  the admin user's password (12+ characters; never password1234)
 #   MLFLOW_ADMIN_USERNAME          admin
 #   MLFLOW_ARTIFACTS_DESTINATION   ./mlartifacts   (a directory, or s3://..., gs://..., ...)
@@ -30,6 +33,19 @@ case "$MLFLOW_ADMIN_PASSWORD" in
   *$'\n'*|*$'\r'*) die "MLFLOW_ADMIN_PASSWORD contains a line break" ;;
   [[:space:]]*|*[[:space:]]) die "MLFLOW_ADMIN_PASSWORD starts or ends with white space (MLflow's config reader would drop it)" ;;
 esac
+if [ -z "${MLFLOW_BACKEND_STORE_URI:-}" ] && [ -n "${MLFLOW_DB_HOST:-}" ]; then
+  [ -n "${MLFLOW_DB_PASSWORD:-}" ] || die "MLFLOW_DB_HOST is set but MLFLOW_DB_PASSWORD is not — set it to the database role's password"
+  MLFLOW_BACKEND_STORE_URI=$(python3 - <<'EOF'
+import os
+from urllib.parse import quote
+
+part = lambda name, default: quote(os.environ.get(name) or default, safe="")
+print(f"postgresql+psycopg2://{part('MLFLOW_DB_USER', 'mlflow')}:{part('MLFLOW_DB_PASSWORD', '')}"
+      f"@{os.environ['MLFLOW_DB_HOST']}:{part('MLFLOW_DB_PORT', '5432')}/{part('MLFLOW_DB_NAME', 'mlflow')}")
+EOF
+)
+  unset MLFLOW_DB_PASSWORD
+fi
 [ -n "${MLFLOW_BACKEND_STORE_URI:-}" ] || die "MLFLOW_BACKEND_STORE_URI is not set — set it to postgresql+psycopg2://ROLE:PASSWORD@HOST:PORT/DB (.ci/postgres prints one)"
 case "$MLFLOW_BACKEND_STORE_URI" in
   postgresql://*|postgresql+*://*) ;;
