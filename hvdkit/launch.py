@@ -516,8 +516,9 @@ def check_ssh(hosts: list[tuple[str, int]], opts: LaunchOptions) -> None:
         cmd = remote.get_ssh_command(command, host, port=opts.ssh_port, identity_file=opts.ssh_identity_file,
                                      timeout_s=SSH_CHECK_TIMEOUT_S)
         try:
+            # horovodrun's environment, not the launcher's: no secret in the ssh process either
             res = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                 timeout=SSH_CHECK_TIMEOUT_S + 20)
+                                 timeout=SSH_CHECK_TIMEOUT_S + 20, env=env)
         except subprocess.TimeoutExpired:
             return host, f"no answer within {SSH_CHECK_TIMEOUT_S + 20} s", ""
         if res.returncode == 0:
