@@ -79,11 +79,11 @@ def _job_env(cluster: Cluster, server: Server, user: tuple[str, str], **extra: s
             "MLFLOW_TRACKING_PASSWORD": user[1], **extra}
 
 
-def _run(cluster: Cluster, name: str, env: dict[str, str], timeout: int = 600):
+def _run(cluster: Cluster, name: str, env: dict[str, str], timeout: int = 600, controller: str = "gloo"):
     work = cluster.tmp / name
     work.mkdir()
     return hvdkit(["run", str(REPO / "recipes" / "digits.yaml"), "-np", "2", "-H", HOSTS, "-i", str(cluster.key),
-                   "--framework", "torch", "--experiment", EXPERIMENT, "epochs=2", "log.progress=false",
+                   f"--{controller}", "--framework", "torch", "--experiment", EXPERIMENT, "epochs=2", "log.progress=false",
                    f"checkpoint.dir={work / 'ckpt'}"], cwd=work, env=env, timeout=timeout)
 
 
@@ -150,16 +150,21 @@ def _tags(run: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
 
-def test_password_reaches_no_remote_command_line_or_environment_and_the_runs_land(cluster, server, trainer, capsys):
-    home = cluster.tmp / "home"  # the launcher's HOME, forwarded to the ranks: rank 0 reads the file there
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_password_reaches_no_remote_command_line_or_environment_and_the_runs_land(cluster, server, trainer, capsys,
+                                                                                 controller):
+    """Gloo: the ranks' environment travels on the ssh command line (`env NAME=VALUE ...`); --mpi:
+    as mpirun's `-x NAME` list, the values over Open MPI's own TCP channel to its daemons."""
+    home = cluster.tmp / f"home-{controller}"  # the launcher's HOME, forwarded to the ranks: rank 0 reads the file there
     cred = _credentials_file(home / ".mlflow" / "credentials", trainer)
     env = _job_env(cluster, server, trainer, HOME=str(home))
+    runs_before = _all_runs(server)
     log_before = cluster.ssh_log.read_text() if cluster.ssh_log.exists() else ""
     scanner = Scanner(trainer[1])
     t0 = time.monotonic()
     scanner.start()
     try:
-        res = _run(cluster, "job", env)
+        res = _run(cluster, f"job-{controller}", env, controller=controller)
     finally:
         scanner.stop.set()
         scanner.join(30)
@@ -180,7 +185,10 @@ def test_password_reaches_no_remote_command_line_or_environment_and_the_runs_lan
     ssh_lines = cluster.ssh_log.read_text()[len(log_before):].splitlines()
     assert len(ssh_lines) >= 6, ssh_lines  # probes, horovodrun's checks, task servers, one per rank
     assert not [ln for ln in ssh_lines if trainer[1] in ln]
-    assert any("hvdkit.train" in ln and "MLFLOW_TRACKING_URI=" in ln for ln in ssh_lines)  # the env does travel
+    if controller == "gloo":  # the environment does travel on the command line, without the password
+        assert any("hvdkit.train" in ln and "MLFLOW_TRACKING_URI=" in ln for ln in ssh_lines)
+    else:  # mpirun's ssh starts Open MPI's daemon on each host
+        assert sum("orted" in ln for ln in ssh_lines) == 2, ssh_lines
     assert all("BatchMode=yes" in ln and "StrictHostKeyChecking" not in ln for ln in ssh_lines)
     # and the job says what it did, without the password
     assert trainer[1] not in out
@@ -188,22 +196,25 @@ def test_password_reaches_no_remote_command_line_or_environment_and_the_runs_lan
            "MLFLOW_TRACKING_USERNAME" in res.stderr, res.stderr[-3000:]
     assert "hvdkit: MLflow credentials: user trainer, password from MLFLOW_TRACKING_PASSWORD" in res.stderr
     rank0 = [ln for ln in out.splitlines() if f"MLflow credentials: user trainer from the file {cred}" in ln]
-    assert len(rank0) == 1 and "[0]" in rank0[0], out[-3000:]  # rank 0 only, once
+    assert len(rank0) == 1 and ("[0]" in rank0[0] or "[1,0]" in rank0[0]), out[-3000:]  # rank 0 only, once
 
     # the runs landed, read back over the REST API as the non-admin user
     exp = server.api("GET", f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}",
                      auth=trainer)["experiment"]
     runs = server.api("POST", "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
                                                               "max_results": 100}, auth=trainer).get("runs", [])
+    runs = [r for r in runs if r["info"]["run_id"] not in runs_before]
     parents = [r for r in runs if _tags(r).get("hvdkit.role") == "parent"]
     children = [r for r in runs if _tags(r).get("hvdkit.role") == "rank"]
     assert len(parents) == 1 and len(children) == 2, [_tags(r).get("hvdkit.role") for r in runs]
     assert parents[0]["info"]["status"] == "FINISHED" and all(c["info"]["status"] == "FINISHED" for c in children)
-    assert _tags(parents[0])["hvdkit.hosts"].split(",") == [f"{SUBNET}.2", f"{SUBNET}.3"]
+    # Gloo names a rank's host as -H does; under mpirun it is the host's own hostname
+    hosts = [f"{SUBNET}.2", f"{SUBNET}.3"] if controller == "gloo" else [ns_name(2), ns_name(3)]
+    assert _tags(parents[0])["hvdkit.hosts"].split(",") == hosts
     assert {_tags(c)["mlflow.parentRunId"] for c in children} == {parents[0]["info"]["run_id"]}
-    assert not cluster.settle() and not leftovers(str(cluster.tmp / "job"))
+    assert not cluster.settle() and not leftovers(str(cluster.tmp / f"job-{controller}"))
     with capsys.disabled():
-        print(f"\ntest_secrets: job {seconds:.1f} s; {len(scanner.seen)} processes scanned in {scanner.passes} "
+        print(f"\ntest_secrets[{controller}]: job {seconds:.1f} s; {len(scanner.seen)} processes scanned in {scanner.passes} "
               f"passes ({len(in_ns)} in the hosts' namespaces, {len(ssh_procs)} ssh); {len(ssh_lines)} ssh "
               "command lines; password found in none")
 
