@@ -5,7 +5,7 @@
 # MLFLOW_DB_PASSWORD: psql reads it from the environment (\getenv) and quotes it as a literal
 # (format %L), so it is never on a command line.
 set -euo pipefail
-: "${MLFLOW_DB_PASSWORD:?set MLFLOW_DB_PASSWORD (the mlflow role's password)}"
+: "${MLFLOW_DB_PASSWORD:?set MLFLOW_DB_PASSWORD (the password of the role mlflow)}"
 role=${MLFLOW_DB_USER:-mlflow}
 db=${MLFLOW_DB_NAME:-mlflow}
 psql -v ON_ERROR_STOP=1 -X -q --username "${POSTGRES_USER:-postgres}" --dbname "${POSTGRES_DB:-postgres}" \
