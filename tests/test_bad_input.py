@@ -144,6 +144,10 @@ def _catalogue_files(root: Path) -> dict[str, str]:
     (future / "meta.json").write_text(json.dumps({"format": 99, "job_id": "x", "tracking_uri": "sqlite:///x.db"}))
     (future / "events.jsonl").write_text("")
     files["spool_future"] = str(future)
+    cred = root / "credentials-open"  # an MLflow credentials file everyone can read
+    cred.write_text("[mlflow]\nmlflow_tracking_username = u\nmlflow_tracking_password = p\n")
+    cred.chmod(0o644)
+    files["cred_open"] = str(cred)
     discover = root / "discover.sh"
     discover.write_text("#!/bin/sh\necho localhost:2\n")  # not executable
     files["discover_noexec"] = str(discover)
@@ -188,6 +192,13 @@ CATALOGUE = [
     ("store-scheme", ["run", DIGITS], {"MLFLOW_TRACKING_URI": "nosuchstore://x"}, "nosuchstore"),
     ("store-sqlite-dir", ["run", DIGITS], {"MLFLOW_TRACKING_URI": "sqlite:///{root}/nodir/mlflow.db"}, "nodir"),
     ("experiment-empty", ["run", DIGITS, "--experiment", " "], {}, "experiment name"),
+    # credentials: a file others can read, a named file that is missing, a password a remote rank would see
+    ("credentials-file-open", ["run", DIGITS], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed_port}",
+                                                "HVDKIT_MLFLOW_CREDENTIALS": "{cred_open}"}, "chmod 600 {cred_open}"),
+    ("credentials-file-missing", ["run", DIGITS], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed_port}",
+                                                   "HVDKIT_MLFLOW_CREDENTIALS": "{root}/no-credentials"}, "no-credentials"),
+    ("tracking-uri-password-remote", ["run", DIGITS, "-np", "1", "-H", "127.0.0.9:1", "-p", "{closed_port}"],
+     {"MLFLOW_TRACKING_URI": "http://u:hunter2@127.0.0.1:{closed_port}"}, "http://u:***@127.0.0.1:"),
     # spools
     ("sync-not-a-spool", ["sync", "{root}"], {}, "is not an hvdkit spool"),
     ("sync-corrupt-spool", ["sync", "{spool_corrupt}"], {}, "corrupt event at byte 0"),
@@ -231,6 +242,7 @@ def test_bad_input_catalogue(case, tmp_path):
     assert res.returncode == 2, (name, res.returncode, res.stdout[-2000:], res.stderr[-2000:])
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle.format(**files) in lines[0] and "fix:" in lines[0], (name, res.stderr)
+    assert "hunter2" not in res.stdout + res.stderr  # a password in the input is never echoed
     assert "[0]<stdout>" not in res.stdout and "horovodrun" not in res.stdout  # no worker started
     assert not (tmp_path / "hvdkit-spool").exists(), name  # no spool begun
     assert _snapshot(tmp_path / "in") == before, name  # job folders, checkpoints, hostfiles untouched

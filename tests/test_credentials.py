@@ -123,16 +123,18 @@ def test_use_credentials_points_mlflow_at_the_named_file_and_says_so(tmp_path):
             "import os; c = read_mlflow_creds(); print(c.username, c.password == os.environ['EXPECT'])\n"
             "print('MLFLOW_TRACKING_PASSWORD' in os.environ)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOROVOD_"))}
-    env.update(MLFLOW_TRACKING_URI="http://127.0.0.1:9", EXPECT=PW, HOME=str(tmp_path), **{C.ENV_FILE: str(f)})
+    env.update(MLFLOW_TRACKING_URI="http://127.0.0.1:9", EXPECT=PW, HOME=str(tmp_path), HOROVOD_RANK="0",
+               **{C.ENV_FILE: str(f)})
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["trainer", "True", "False"]
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("hvdkit: MLflow credentials")]
     assert lines == [f"hvdkit: MLflow credentials: user trainer from the file {f}"], res.stderr
-    # a worker that is not rank 0 does not repeat it; a sqlite store takes no credentials at all
-    for extra in ({"HOROVOD_RANK": "1"}, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}):
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra},
-                             timeout=120)
+    # another rank or the launcher does not repeat it; a sqlite store takes no credentials at all
+    launcher = {k: v for k, v in env.items() if k != "HOROVOD_RANK"}
+    for run_env in ({**env, "HOROVOD_RANK": "1"}, launcher, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=120)
+        assert res.returncode == 0, res.stderr
         assert "MLflow credentials" not in res.stderr, res.stderr
 
 

@@ -177,19 +177,21 @@ def find_source(env: Mapping[str, str] | None = None) -> Source:
 _active: Source | None = None
 
 
-def _writes_to_mlflow() -> bool:
-    """Rank 0 under horovodrun / mpirun, or a process outside any (the launcher, sync, ui)."""
-    for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+def _rank_zero() -> bool:
+    """Rank 0 of a job (horovodrun, mpirun, srun): the rank that writes to MLflow. The launcher says
+    nothing of its own credentials (it keeps them; see hvdkit.launch.worker_env for what it holds
+    back), so a job prints the line once, and a refusal before start stays the only line."""
+    for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
         if os.environ.get(key):
             return os.environ[key] == "0"
-    return True
+    return False
 
 
 def use_credentials(uri: str) -> Source | None:
     """Before this process first talks to the MLflow server at ``uri``: settle where its
     credentials come from (once per process), point MLflow at ``$HVDKIT_MLFLOW_CREDENTIALS`` if
-    that is the source, and say which source it is in one line on stderr, on the process that
-    writes to MLflow only. Stores that are not a server (sqlite, a directory, a database URI)
+    that is the source, and, on rank 0 (the process that writes to MLflow), say which source it
+    is in one line on stderr. Stores that are not a server (sqlite, a directory, a database URI)
     take no MLflow credentials: nothing to do."""
     global _active
     if not uri.startswith(("http://", "https://")):
@@ -198,7 +200,7 @@ def use_credentials(uri: str) -> Source | None:
         source = find_source()
         if source.kind == "file" and os.environ.get(ENV_FILE):
             _point_mlflow_at(source.path)
-        if _writes_to_mlflow():
+        if _rank_zero():
             print(f"hvdkit: {source.describe()}", file=sys.stderr, flush=True)
         _active = source
     return _active

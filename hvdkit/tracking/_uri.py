@@ -23,7 +23,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 def _use_credentials(uri: str) -> None:
     # Every way hvdkit reaches a store passes through resolve_tracking_uri or absolute_uri, so this
-    # is the one place a process settles (and reports) where its MLflow credentials come from.
+    # is the one place a process settles (and rank 0 reports) where its MLflow credentials come from.
     from hvdkit.tracking._credentials import use_credentials
 
     use_credentials(uri)
