@@ -91,44 +91,85 @@ def test_hadolint_ignores_have_a_reason_and_are_needed(dockerfile):
     assert found == ignored, f"pragmas ignore {sorted(ignored)}, hadolint finds {sorted(found)} without them"
 
 
+def _stages(path: Path) -> list[list[tuple[str, str]]]:
+    """The Dockerfile's build stages, each a list of instructions from its FROM on."""
+    stages: list[list[tuple[str, str]]] = []
+    for ins in _instructions(path):
+        if ins[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(ins)
+    return stages
+
+
+def _stage_cmds(stage: list[tuple[str, str]]) -> list[list[str]]:
+    return [c for n, a in stage if n == "RUN" for c in _commands(re.sub(r"^(--\S+\s+)+", "", a))]
+
+
+def _apt_installs(cmds: list[list[str]]) -> set[str]:
+    installs = [c for c in cmds if c[:1] == ["apt-get"] and "install" in c]
+    return {a for c in installs for a in c[c.index("install") + 1:] if not a.startswith("-")}
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_installs_through_make_setup_like_ci(dockerfile):
-    ins = _instructions(dockerfile)
-    runs = _runs(dockerfile)
-    cmds = [c for r in runs for c in _commands(r)]
+def test_dockerfile_builds_with_make_setup_and_runs_without_build_tools(dockerfile):
+    """Two stages: `build` runs `make setup` as CI does (runtime extras only, no `dev`); the image
+    you run copies the venv and adds only run-time packages: no compiler, no headers, no pytest."""
+    build, runtime = _stages(dockerfile)
+    assert build[0][1].endswith(" AS build") and "--from=build /opt/hvdkit /opt/hvdkit" in \
+        " ".join(a for n, a in runtime if n == "COPY")
+    cmds = _stage_cmds(build)
     setup = [c for c in cmds if c[:2] == ["make", "setup"]]
     assert len(setup) == 1, f"{dockerfile.name} must run `make setup` once, as CI does (.ci/run -> make test)"
-    # what make setup reads is in the image before it runs (and never the whole context: no local
-    # .venv, .git or store); every COPY source exists
-    setup_at = next(i for i, (n, a) in enumerate(ins) if n == "RUN" and "make setup" in a)
-    copied_before = set()
-    for i, (n, a) in enumerate(ins):
+    assert ["bash", ".ci/system-deps"] in cmds
+    extras = next(a for a in setup[0] if a.startswith("EXTRAS=")).split("=", 1)[1].split(",")
+    assert "dev" not in extras and "torch" in extras and "server" in extras, extras
+    assert any(e.startswith("tensorflow") for e in extras)
+    assert "TORCH_PIP_ARGS=${TORCH_PIP_ARGS}" in setup[0]
+    # what make setup reads is in the stage before it runs, and never the whole context
+    setup_at = next(i for i, (n, a) in enumerate(build) if n == "RUN" and "make setup" in a)
+    copied = set()
+    for i, (n, a) in enumerate(build + runtime):
         if n != "COPY":
             continue
         srcs = [x for x in a.split()[:-1] if not x.startswith("--")]
         assert "." not in srcs and "./" not in srcs, f"{dockerfile.name}: COPY of the whole build context"
+        if "--from=build" in a:
+            continue
         for src in srcs:
             assert (REPO / src).exists(), src
             if i < setup_at:
-                copied_before.add(src.rstrip("/"))
-    assert {"Makefile", "pyproject.toml", "README.md", ".ci", "hvdkit"} <= copied_before, copied_before
-    assert "WORKDIR" in [n for n, _ in ins[:setup_at]]
+                copied.add(src.rstrip("/"))
+    assert {"Makefile", "pyproject.toml", "README.md", ".ci", "hvdkit"} <= copied, copied
+    # the build stage's cache mounts: pip's downloads and the Horovod wheel cache
+    setup_run = build[setup_at][1]
+    assert "target=/root/.cache/pip" in setup_run and "target=/root/.cache/hvdkit" in setup_run
     # nothing installs Python packages or Horovod behind the Makefile's back
-    for c in cmds:
+    for c in cmds + _stage_cmds(runtime):
         text = " ".join(c)
         assert not re.search(r"\bpip3?\b|\bpython[\d.]*\s+-m\s+(pip|venv)\b|build-horovod|\buv\b", text), text
-    # other scripts are CI's own, and exist
-    scripts = [Path(a) for c in cmds if c[0] in ("bash", "sh") for a in c[1:2]]
-    assert Path(".ci/netns") in scripts, "sshd comes from .ci/netns (the script the multi-host tests run)"
-    for s in scripts:
-        assert (REPO / s).is_file(), s
-    assert ".ci/netns" in (REPO / "tests" / "test_multihost.py").read_text()
-    # apt-get: nothing in the CPU image (all in .ci/system-deps); the GPU image only bootstraps
-    # what `make setup` needs before it can run on Ubuntu (make, Python 3.11 + venv + headers)
-    installs = [c for c in cmds if c[:1] == ["apt-get"] and "install" in c]
-    pkgs = {a for c in installs for a in c[c.index("install") + 1:] if not a.startswith("-")}
-    expected = set() if dockerfile.name == "Dockerfile.cpu" else {"make", "python3.11", "python3.11-venv", "python3.11-dev"}
-    assert pkgs == expected, pkgs
+    # apt: the build stage bootstraps what make setup needs; the runtime stage is run-time only
+    assert _apt_installs(cmds) == {"make", "python3.11", "python3.11-venv", "python3.11-dev", "ca-certificates"}
+    rt = _apt_installs(_stage_cmds(runtime))
+    assert rt == {"python3.11", "openmpi-bin", "openssh-client", "openssh-server", "ca-certificates", "procps"}, rt
+    # openssh-server's install makes host keys: the same RUN deletes them (none in any layer)
+    apt_run = next(a for n, a in runtime if n == "RUN" and "openssh-server" in a)
+    assert "rm -f /etc/ssh/ssh_host_*" in apt_run
+
+
+def test_cpu_image_takes_torch_from_pytorchs_cpu_index_on_debian_12():
+    ins = _instructions(DOCKER / "Dockerfile.cpu")
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1].strip('"') if "=" in a else None for n, a in ins if n == "ARG"}
+    assert args["BASE"].startswith("debian:bookworm") and args["TORCH_PIP_ARGS"] == \
+        "--index-url https://download.pytorch.org/whl/cpu"
+    assert [a for n, a in ins if n == "FROM"] == ["${BASE} AS build", "${BASE}"]
+    # the Makefile installs torch from there first, then the rest (which then keeps that torch)
+    res = subprocess.run(["make", "-n", "-B", ".venv/.hvdkit-installed", "TORCH_PIP_ARGS=--index-url X", "EXTRAS=torch,server"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = res.stdout.splitlines()
+    torch_at = next(i for i, ln in enumerate(lines) if "--index-url X 'torch==2.13.0'" in ln)
+    rest_at = next(i for i, ln in enumerate(lines) if "-e '.[torch,server]'" in ln)
+    assert torch_at < rest_at, res.stdout
 
 
 def test_makefile_setup_is_what_the_dockerfiles_rely_on():
@@ -138,14 +179,23 @@ def test_makefile_setup_is_what_the_dockerfiles_rely_on():
     assert ".ci/system-deps" in res.stdout and re.search(r"hvdkit build-horovod\s*$", res.stdout, re.M), res.stdout
 
 
-def test_gpu_image_builds_horovod_with_gpu():
+def test_gpu_image_builds_horovod_with_cuda_and_tensorflow_that_sees_the_gpu():
     gpu = DOCKER / "Dockerfile.gpu"
     ins = _instructions(gpu)
-    args = dict(a.split("=", 1) for n, a in ins if n == "ARG" and "=" in a)
-    assert args.get("HOROVOD_BUILD_ARGS", "").split()[:1] == ["--gpu"]
-    assert "devel" in args["CUDA_IMAGE"] and args["CUDA_IMAGE"].startswith("nvidia/cuda:")
-    setup = next(c for r in _runs(gpu) for c in _commands(r) if c[:2] == ["make", "setup"])
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1].strip('"') for n, a in ins if n == "ARG" and "=" in a}
+    assert args["HOROVOD_BUILD_ARGS"].split()[:1] == ["--gpu"]
+    assert "devel" in args["CUDA_DEVEL_IMAGE"] and args["CUDA_DEVEL_IMAGE"].startswith("nvidia/cuda:")
+    assert args["CUDA_RUNTIME_IMAGE"] == args["CUDA_DEVEL_IMAGE"].replace("-devel-", "-runtime-")
+    assert set(args["HOROVOD_BUILD_CUDA_CC_LIST"].split(",")) >= {"70", "80", "90"}
+    assert "download.pytorch.org/whl/cu12" in args["TORCH_PIP_ARGS"]
+    setup = next(c for c in _stage_cmds(_stages(gpu)[0]) if c[:2] == ["make", "setup"])
     assert "HOROVOD_BUILD_ARGS=${HOROVOD_BUILD_ARGS}" in setup
+    extras = next(a for a in setup if a.startswith("EXTRAS=")).split("=", 1)[1].split(",")
+    assert "tensorflow-gpu" in extras and "tensorflow" not in extras
+    # ...which is TensorFlow with its CUDA libraries, not tensorflow-cpu
+    import tomllib
+    opt = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert opt["tensorflow-gpu"] == ["tensorflow[and-cuda]==2.21.*"] and opt["tensorflow"] == ["tensorflow-cpu==2.21.*"]
     # and the Makefile hands the variable to hvdkit build-horovod
     res = subprocess.run(["make", "-n", "horovod", "HOROVOD_BUILD_ARGS=--gpu"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
@@ -155,17 +205,24 @@ def test_gpu_image_builds_horovod_with_gpu():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_image_runs_unprivileged_with_the_entrypoint(dockerfile):
-    ins = _instructions(dockerfile)
+    ins = _stages(dockerfile)[-1]
     user = [a for n, a in ins if n == "USER"][-1]
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0, user
     assert [a for n, a in ins if n == "ENTRYPOINT"] == ['["/opt/hvdkit/docker/entrypoint.sh"]']
     assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
     assert "2222" in " ".join(a for n, a in ins if n == "EXPOSE")
-    run = " ".join(_runs(dockerfile))
+    run = " ".join(a for n, a in ins if n == "RUN")
     assert f"useradd --create-home --uid {uid}" in run and "docker/ssh_config /etc/ssh/ssh_config.d/" in run
     assert f"-d -o hvd -g hvd -m 700 {USER_HOME}/.ssh" in run
     assert any(n == "ENV" and "/opt/hvdkit/.venv/bin" in a for n, a in ins)
+
+
+def test_image_ssh_config_checks_host_keys_and_pins_only_the_cluster():
+    text = (DOCKER / "ssh_config").read_text()
+    assert "StrictHostKeyChecking no" not in text and "UserKnownHostsFile /dev/null" not in text
+    assert re.search(r"^Include /home/hvd/\.hvdkit-ssh/\*\.conf$", text, re.M)
+    assert "BatchMode yes" in text
 
 
 def _login_user() -> pwd.struct_passwd | None:
@@ -179,9 +236,10 @@ def _login_user() -> pwd.struct_passwd | None:
     return None
 
 
-def test_entrypoint_sshd_lets_the_same_unprivileged_user_in():
-    """The image's sshd setup for real, minus Docker: `entrypoint.sh sshd` as a non-root user
-    (generated host key, docker/sshd_config), reached with docker/ssh_config and a key."""
+def test_entrypoint_cluster_keys_sshd_and_pinned_host_key():
+    """The image's ssh setup for real, minus the container: `entrypoint.sh cluster-keys` then `sshd`
+    with the cluster's host key as a non-root user; a launcher pins that key (HVDKIT_SSH_HOSTS) and
+    gets in with the job key; a host presenting another key is refused, as is another client key."""
     pw = _login_user()
     if os.geteuid() != 0 or pw is None or not Path("/usr/sbin/sshd").exists() or not shutil.which("runuser"):
         pytest.skip("needs root, sshd (.ci/netns) and a non-root login account (postgres, from .ci/postgres)")
@@ -192,13 +250,18 @@ def test_entrypoint_sshd_lets_the_same_unprivileged_user_in():
         _sshd_as(pw, tmp)
 
 
+def _entrypoint(repo: Path, home: Path, *args: str, user: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    full = {"PATH": os.environ["PATH"], "HOME": str(home), "HVDKIT_HOME": str(repo), **env}
+    # (runuser resets HOME to the account's own: `env` sets it back after the switch)
+    pre = ["runuser", "-u", user, "--", "env", f"HOME={home}"] if user else []
+    return subprocess.run([*pre, str(repo / "docker" / "entrypoint.sh"), *args], env=full, capture_output=True,
+                          text=True, timeout=60)
+
+
 def _sshd_as(pw: pwd.struct_passwd, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True, timeout=60)
-    (home / "authorized_keys").write_text((tmp_path / "id.pub").read_text())
-    for p in (home, home / "authorized_keys"):
-        os.chown(p, pw.pw_uid, pw.pw_gid)
+    os.chown(home, pw.pw_uid, pw.pw_gid)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -207,14 +270,37 @@ def _sshd_as(pw: pwd.struct_passwd, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(DOCKER, repo / "docker")
     repo.chmod(0o755)
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "HVDKIT_HOME": str(repo), "SSHD_PORT": str(port),
-           "SSH_AUTHORIZED_KEYS": str(home / "authorized_keys")}
+    made = _entrypoint(repo, home, "cluster-keys", user=pw.pw_name)
+    assert made.returncode == 0, made.stderr
+    keys = home / ".ssh"
+    for name in ("id_ed25519", "authorized_keys", "ssh_host_ed25519_key"):
+        st = (keys / name).stat()
+        assert st.st_uid == pw.pw_uid and st.st_mode & 0o077 == 0, (name, oct(st.st_mode))
+    again = _entrypoint(repo, home, "cluster-keys", user=pw.pw_name)  # idempotent: keys kept
+    assert again.returncode == 0 and "created" not in again.stderr
+    hostkey = keys / "ssh_host_ed25519_key"
     log = tmp_path / "sshd.log"
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "HVDKIT_HOME": str(repo), "SSHD_PORT": str(port),
+           "SSHD_HOST_KEY": str(hostkey),
+           # sshd's %h is the account's passwd home; in the image that is HOME (/home/hvd)
+           "SSH_AUTHORIZED_KEYS": str(keys / "authorized_keys")}
     with open(log, "wb") as out:
-        # (runuser resets HOME to the account's own: `env` sets it back after the switch)
-        proc = subprocess.Popen(["runuser", "-u", pw.pw_name, "--", "env", f"HOME={home}", str(repo / "docker" / "entrypoint.sh"), "sshd",
-                                 "-o", "ListenAddress=127.0.0.1"], env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(["runuser", "-u", pw.pw_name, "--", "env", f"HOME={home}", str(repo / "docker" / "entrypoint.sh"),
+                                 "sshd", "-o", "ListenAddress=127.0.0.1"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    launcher = tmp_path / "launcher"
+    launcher.mkdir()
+    # the launcher side (root here): its own copy of the job key, as a read-only volume would give
+    shutil.copy(keys / "id_ed25519", launcher / "id")
+
+    def ssh(pubkey: Path, identity: Path) -> subprocess.CompletedProcess:
+        pinned = _entrypoint(repo, launcher, "true", HVDKIT_SSH_HOSTS="127.0.0.1", HVDKIT_SSH_HOST_PUBKEY=str(pubkey),
+                             SSHD_PORT=str(port))
+        assert pinned.returncode == 0, pinned.stderr
+        conf = launcher / ".hvdkit-ssh" / "hosts.conf"
+        return subprocess.run(["ssh", "-F", str(conf), "-o", "BatchMode=yes", "-i", str(identity), "-o", "IdentitiesOnly=yes",
+                               f"{pw.pw_name}@127.0.0.1", "id -u"], capture_output=True, text=True, timeout=60)
+
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -224,16 +310,19 @@ def _sshd_as(pw: pwd.struct_passwd, tmp_path: Path) -> None:
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
-        res = subprocess.run(["ssh", "-F", str(DOCKER / "ssh_config"), "-p", str(port), "-i", str(tmp_path / "id"),
-                              "-o", "IdentitiesOnly=yes", f"{pw.pw_name}@127.0.0.1", "id -u"],
-                             capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0 and res.stdout.strip() == str(pw.pw_uid), res.stderr + log.read_text()
-        wrong = subprocess.run(["ssh", "-F", str(DOCKER / "ssh_config"), "-p", str(port), "-o", "IdentitiesOnly=yes",
-                                "-i", "/dev/null", f"{pw.pw_name}@127.0.0.1", "true"], capture_output=True, text=True,
-                               timeout=60)
-        assert wrong.returncode != 0 and "Permission denied" in wrong.stderr
-        assert (home / ".sshd" / "ssh_host_ed25519_key").stat().st_uid == pw.pw_uid
+        ok = ssh(Path(f"{hostkey}.pub"), launcher / "id")
+        assert ok.returncode == 0 and ok.stdout.strip() == str(pw.pw_uid), ok.stderr + log.read_text()
+        conf = (launcher / ".hvdkit-ssh" / "hosts.conf").read_text()
+        assert "StrictHostKeyChecking yes" in conf and f"Port {port}" in conf and "Host 127.0.0.1" in conf
+        # a host presenting a key other than the cluster's: refused before any login
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True, timeout=60)
+        bad_host = ssh(tmp_path / "other.pub", launcher / "id")
+        assert bad_host.returncode != 0 and "Host key verification failed" in bad_host.stderr, bad_host.stderr
+        # a client key the cluster did not make
+        bad_key = ssh(Path(f"{hostkey}.pub"), tmp_path / "other")
+        assert bad_key.returncode != 0 and "Permission denied" in bad_key.stderr, bad_key.stderr
         assert "Accepted publickey for " + pw.pw_name in log.read_text()
+        assert not (home / ".sshd").exists(), "sshd generated a key of its own instead of serving the cluster's"
     finally:
         try:
             os.killpg(proc.pid, 15)
@@ -255,16 +344,17 @@ def _env(svc: dict) -> dict[str, str]:
 
 def test_compose_services_and_images(compose):
     services = compose["services"]
-    assert {"launcher", "worker-1", "worker-2", "mlflow", "postgres"} <= set(services)
-    for name in ("launcher", "worker-1", "worker-2", "mlflow", "ssh-keys"):
+    assert {"launcher", "worker-1", "worker-2", "mlflow", "postgres", "mlflow-user", "cluster-keys"} <= set(services)
+    for name in ("launcher", "worker-1", "worker-2", "mlflow", "mlflow-user", "cluster-keys"):
         svc = services[name]
-        assert svc["image"] == IMAGE, name
+        assert svc["image"] == "${HVDKIT_IMAGE:-" + IMAGE + "}", name
         ctx = (DOCKER / svc["build"]["context"]).resolve()
         assert ctx == REPO and (ctx / svc["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile.cpu"
-    assert services["postgres"]["image"].startswith("postgres:") and services["postgres"]["image"] != "postgres:latest"
+    pg = services["postgres"]["image"]
+    assert re.fullmatch(r"\$\{HVDKIT_POSTGRES_IMAGE:-postgres:\d+-bookworm\}", pg), pg
 
 
-def test_compose_launcher_trains_on_the_workers_and_tracks_to_mlflow(compose):
+def test_compose_launcher_trains_on_the_workers_with_no_password_in_its_environment(compose):
     s = compose["services"]
     cmd = s["launcher"]["command"]
     assert cmd[:2] == ["hvdkit", "run"] and Path(cmd[2]).is_relative_to("/opt/hvdkit")
@@ -272,45 +362,83 @@ def test_compose_launcher_trains_on_the_workers_and_tracks_to_mlflow(compose):
     hosts = cmd[cmd.index("-H") + 1]
     slots = {h.split(":")[0]: int(h.split(":")[1]) for h in hosts.split(",")}
     assert set(slots) == {"worker-1", "worker-2"} and int(cmd[cmd.index("-np") + 1]) == sum(slots.values())
+    launcher = _env(s["launcher"])
     for w in slots:
+        env = _env(s[w])
         assert s[w]["command"] == ["sshd"] and s[w]["hostname"] == w
-        assert s[w]["depends_on"]["ssh-keys"]["condition"] == "service_completed_successfully"
+        assert s[w]["depends_on"]["cluster-keys"]["condition"] == "service_completed_successfully"
         assert "2222" in " ".join(s[w]["healthcheck"]["test"])
         assert s["launcher"]["depends_on"][w]["condition"] == "service_healthy"
-    keys = {v for name in ("launcher", "worker-1", "worker-2") for v in s[name]["volumes"]}
-    assert keys == {f"ssh-keys:{USER_HOME}/.ssh:ro"} and s["ssh-keys"]["volumes"] == [f"ssh-keys:{USER_HOME}/.ssh"]
-    env = _env(s["launcher"])
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["MLFLOW_TRACKING_USERNAME"] and env["MLFLOW_TRACKING_PASSWORD"].startswith("${")
-    assert s["launcher"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+        # workers serve the cluster's host key, and wait for it (podman-compose starts all at once)
+        assert env["SSHD_HOST_KEY"] == f"{USER_HOME}/.ssh/ssh_host_ed25519_key"
+        assert f"file:{env['SSHD_HOST_KEY']}" in env["HVDKIT_WAIT_FOR"].split()
+        assert f"tcp:{w}:2222" in launcher["HVDKIT_WAIT_FOR"].split()
+    # the launcher pins that key for the two workers only
+    assert launcher["HVDKIT_SSH_HOSTS"].split() == ["worker-1", "worker-2"]
+    assert launcher["HVDKIT_SSH_HOST_PUBKEY"] == f"{USER_HOME}/.ssh/ssh_host_ed25519_key.pub"
+    for name in ("launcher", "worker-1", "worker-2"):
+        assert set(s[name]["volumes"]) == {f"ssh-keys:{USER_HOME}/.ssh:ro", f"mlflow-credentials:{USER_HOME}/.mlflow:ro"}
+        assert not [k for k in _env(s[name]) if re.search(r"PASSWORD|TOKEN|SECRET", k)], name
+    assert s["cluster-keys"]["volumes"] == [f"ssh-keys:{USER_HOME}/.ssh"] and s["cluster-keys"]["command"] == ["cluster-keys"]
+    assert launcher["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # training signs in from trainer's credentials file, written by the one-shot mlflow-user service
+    user = s["mlflow-user"]
+    uenv = _env(user)
+    assert user["command"] == ["mlflow-user", "trainer"] and user["volumes"] == [f"mlflow-credentials:{USER_HOME}/.mlflow"]
+    assert uenv["MLFLOW_NEW_USER_PASSWORD"].startswith("${MLFLOW_TRAINER_PASSWORD:?")
+    assert f"file:{USER_HOME}/.mlflow/credentials" in launcher["HVDKIT_WAIT_FOR"].split()
+    assert "depends_on" not in user  # podman 4.3 could not start the launcher past it (see compose.yaml)
+    assert s["launcher"]["depends_on"]["mlflow-user"]["condition"] == "service_completed_successfully"
 
 
-def test_compose_mlflow_server_uses_postgres_and_auth(compose):
+def test_compose_mlflow_server_uses_an_ordinary_database_role_and_auth(compose):
     s = compose["services"]
     m, pg = s["mlflow"], s["postgres"]
     assert m["command"] == ["mlflow-server"]
     env, pg_env = _env(m), _env(pg)
-    uri = env["MLFLOW_BACKEND_STORE_URI"]
-    m_uri = re.fullmatch(r"postgresql\+psycopg2://(\w+):(\$\{POSTGRES_PASSWORD[^}]*\})@postgres:5432/(\w+)", uri)
-    assert m_uri, uri
-    assert m_uri.group(1) == pg_env["POSTGRES_USER"] and m_uri.group(3) == pg_env["POSTGRES_DB"]
+    # the server builds its URI from parts (password URL-encoded), as role mlflow, not the superuser
+    assert "MLFLOW_BACKEND_STORE_URI" not in env
+    assert env["MLFLOW_DB_HOST"] == "postgres" and env["MLFLOW_DB_USER"] == "mlflow" != pg_env["POSTGRES_USER"]
+    assert env["MLFLOW_DB_PASSWORD"].startswith("${MLFLOW_DB_PASSWORD:?") and "POSTGRES_PASSWORD" not in env
     assert pg_env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert pg_env["MLFLOW_DB_PASSWORD"].startswith("${MLFLOW_DB_PASSWORD:?")
+    assert "./postgres-init:/docker-entrypoint-initdb.d:ro" in pg["volumes"]
+    init = (DOCKER / "postgres-init" / "10-mlflow-role.sh").read_text()
+    assert "NOSUPERUSER" in init and "OWNER" in init and "\\getenv pw MLFLOW_DB_PASSWORD" in init
+    assert subprocess.run(["bash", "-n", str(DOCKER / "postgres-init" / "10-mlflow-role.sh")]).returncode == 0
     assert env["MLFLOW_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")  # no default password anywhere
     assert env["MLFLOW_HOST"] == "0.0.0.0" and "mlflow:5000" in env["MLFLOW_ALLOWED_HOSTS"].split(",")
-    assert m["ports"] == ["127.0.0.1:5000:5000"]
+    assert m["ports"] == ["127.0.0.1:${HVDKIT_MLFLOW_PORT:-5000}:5000"]
     assert not any("ports" in svc for name, svc in s.items() if name != "mlflow")
-    assert m["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert m["depends_on"]["postgres"]["condition"] == "service_healthy" and env["HVDKIT_WAIT_FOR"] == "tcp:postgres:5432"
     assert f"mlartifacts:{env['MLFLOW_ARTIFACTS_DESTINATION']}" in m["volumes"]
     assert "/health" in " ".join(m["healthcheck"]["test"])
-    assert set(compose["volumes"]) == {"pgdata", "mlartifacts", "ssh-keys"}
+    assert set(compose["volumes"]) == {"pgdata", "mlartifacts", "ssh-keys", "mlflow-credentials"}
 
 
 def test_entrypoint_knows_the_compose_and_k8s_commands():
     text = (DOCKER / "entrypoint.sh").read_text()
-    for word in ("sshd)", "ssh-keys)", "mlflow-server)"):
+    for word in ("sshd)", "cluster-keys|ssh-keys)", "mlflow-server)", "mlflow-user)"):
         assert word in text
     assert "mlflow/server.sh" in text and (REPO / "mlflow" / "server.sh").is_file()
+    assert (REPO / "mlflow" / "create-user.py").is_file() and not (REPO / "mlflow" / "__init__.py").exists()
     assert subprocess.run(["bash", "-n", str(DOCKER / "entrypoint.sh")]).returncode == 0
     res = subprocess.run([str(DOCKER / "entrypoint.sh"), "echo", "passed through"], capture_output=True, text=True,
                          timeout=30)
     assert res.stdout.strip() == "passed through"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"HVDKIT_WAIT_FOR": "ftp:x"}, "is not tcp:HOST:PORT"),
+    ({"HVDKIT_WAIT_FOR": "file:/nonexistent/x", "HVDKIT_WAIT_TIMEOUT": "1"}, "gave up waiting for file:/nonexistent/x"),
+    ({"HVDKIT_SSH_HOSTS": "worker-1", "HVDKIT_SSH_HOST_PUBKEY": "/nonexistent.pub"}, "HVDKIT_SSH_HOST_PUBKEY"),
+    ({"MLFLOW_NEW_USER_PASSWORD": "short", "MLFLOW_ADMIN_PASSWORD": "x" * 12, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+     "shorter than 12"),
+], ids=["wait-kind", "wait-timeout", "pin-no-key", "weak-user-password"])
+def test_entrypoint_bad_input_is_one_line_and_exit_2(env, message, tmp_path):
+    args = ["mlflow-user", "trainer"] if "MLFLOW_NEW_USER_PASSWORD" in env else ["true"]
+    res = subprocess.run([str(DOCKER / "entrypoint.sh"), *args], capture_output=True, text=True, timeout=30,
+                         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env})
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
+    assert "short" not in res.stderr or "short" in message
