@@ -249,3 +249,51 @@ def test_refused_before_anything_starts(cluster, server, trainer, case):
     assert all(cluster.accepted(o) - before[o] <= 1 for o in cluster.sshd)
     assert _all_runs(server) == runs_before
     assert not cluster.settle() and not leftovers(str(cluster.tmp / case))
+
+
+def test_single_host_job_keeps_its_environment_and_no_command_line_names_the_password(cluster, server, trainer):
+    """One host, as before this change: the ranks get the password from the environment (inherited
+    from horovodrun, not written on their `env ...` command lines) and the runs land."""
+    env = _job_env(cluster, server, trainer, HOME=str(cluster.tmp / "home-single"))  # no credentials file there
+    runs_before = _all_runs(server)
+    scanner = Scanner(trainer[1])
+    scanner.netns = {}  # everything runs here: look at the ranks and horovodrun
+    rank_env: dict[int, bool] = {}
+
+    def look() -> None:
+        while not scanner.stop.is_set():
+            for d in Path("/proc").iterdir():
+                try:
+                    cmdline = (d / "cmdline").read_bytes()
+                    if b"hvdkit.train" in cmdline or b"hvdkit._horovodrun" in cmdline:
+                        if trainer[1].encode() in cmdline:
+                            scanner.found.append(f"cmdline of {d.name}: {cmdline[:200]!r}")
+                        if b"hvdkit.train" in cmdline:
+                            rank_env[int(d.name)] = trainer[1].encode() in (d / "environ").read_bytes()
+                except OSError:
+                    continue
+            scanner.stop.wait(0.1)
+
+    watcher = threading.Thread(target=look, daemon=True)
+    watcher.start()
+    work = cluster.tmp / "single"
+    work.mkdir()
+    try:
+        res = hvdkit(["run", str(REPO / "recipes" / "digits.yaml"), "-np", "2", "--framework", "torch", "--experiment",
+                      EXPERIMENT, "epochs=1", "log.progress=false", f"checkpoint.dir={work / 'ckpt'}"],
+                     cwd=work, env=env, timeout=600)
+    finally:
+        scanner.stop.set()
+        watcher.join(30)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    assert not scanner.found, scanner.found
+    assert len(rank_env) >= 2 and all(rank_env.values()), rank_env  # both ranks have it, inherited
+    assert "not forwarded" not in out and trainer[1] not in out
+    said = [ln for ln in out.splitlines() if "MLflow credentials:" in ln]
+    assert len(said) == 1 and "user trainer, password from MLFLOW_TRACKING_PASSWORD in the environment" in said[0], said
+    new = [r for r in server.api("POST", "/api/2.0/mlflow/runs/search",
+                                 {"experiment_ids": [e["experiment_id"] for e in server.api(
+                                     "POST", "/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]],
+                                  "max_results": 1000})["runs"] if r["info"]["run_id"] not in runs_before]
+    assert len(new) == 3 and all(r["info"]["status"] == "FINISHED" for r in new), [r["info"]["status"] for r in new]
