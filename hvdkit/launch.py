@@ -423,7 +423,7 @@ _SSH_FIXES = (  # (what ssh said, how to fix it); {h} is the host, {scan} the ss
                          "~/.ssh/known_hosts after checking its fingerprint (`{scan}`); otherwise someone else answers "
                          "on its address"),
     ("Host key verification failed", "add {h}'s host key to ~/.ssh/known_hosts after checking its fingerprint "
-                                     "(`{scan}` prints it) — hvdkit does not skip host-key checks"),
+                                     "(`{scan}` prints it); hvdkit does not skip host-key checks"),
 )
 
 # Run on rank 0's host by check_ssh's probe: is the credentials file there, readable, private, with
