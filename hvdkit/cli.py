@@ -114,18 +114,31 @@ def _elastic_options(f):
 @click.option("--resume", "resume", default=None, metavar="JOB_ID|RUN_ID|last",
               help="continue that job (its checkpoints, the same MLflow runs); a new job starts fresh")
 @click.option("--force", is_flag=True, help="with --resume: allow changing epochs, steps, eval or -np")
+@click.option("--launcher", type=click.Choice(["auto", "srun", "horovodrun"]), default="auto", show_default=True,
+              help="auto: srun inside a Slurm allocation (SLURM_JOB_ID set), else horovodrun")
 @_elastic_options
 @click.argument("overrides", nargs=-1)
 def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune, autotune_log,
         fusion_threshold_mb, cycle_time_ms, ssh_port, ssh_identity_file, no_track, log_every, experiment, baseline,
-        resume, force, overrides, **elastic) -> None:
-    """Train RECIPE on NP ranks under horovodrun. OVERRIDES are key=value (e.g. optimizer.lr=0.1)."""
+        resume, force, launcher, overrides, **elastic) -> None:
+    """Train RECIPE on NP ranks under horovodrun, or srun inside a Slurm allocation.
+    OVERRIDES are key=value (e.g. optimizer.lr=0.1)."""
+    from hvdkit import _slurm as S
     from hvdkit import launch as L
     from hvdkit.core.job import JobFolder, new_job_id, resolve_resume, slurm_requeue_spec
     from hvdkit.errors import UsageError
     from hvdkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, list(overrides), framework=framework)
+    launcher = S.choose_launcher(launcher)
+    # Inside an allocation the ranks' places come from it: srun's own, or -H for horovodrun when
+    # the user gave no hosts (scontrol missing: one line, exit 2, before anything is decided).
+    alloc = None
+    if S.in_allocation() and (launcher == "srun" or not (hosts or hostfile or any(elastic.values()))):
+        alloc = S.allocation()
+        if launcher == "horovodrun":
+            hosts = ",".join(f"{h}:{n}" for h, n in alloc.hosts)
+    default_np = alloc.ntasks if alloc else 1
     if not no_track:
         from hvdkit.tracking._uri import check_tracking_args
 
@@ -140,21 +153,30 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
 
         plan = resolve_resume(spec, loaded.recipe, np=np_, force=force, run_lookup=None if no_track else job_of_run)
         job = plan.folder
-        np_ = np_ if np_ is not None else plan.np or 1
+        np_ = np_ if np_ is not None else plan.np or default_np
         if not no_track:
             replay_earlier_spools(job.job_id)  # the runs to reopen must be in the store first
         click.echo(f"hvdkit: resuming job {job.job_id} (resume {int(job.manifest.get('resumes') or 0) + 1})", err=True)
     else:
-        job = JobFolder.for_recipe(loaded.recipe.checkpoint.dir, new_job_id())
-        np_ = np_ if np_ is not None else 1
+        np_ = np_ if np_ is not None else default_np
+        if launcher == "srun":
+            S.layout(alloc, np_)  # -np larger than the allocation: refused before a job id is taken
+        job = JobFolder.for_recipe(loaded.recipe.checkpoint.dir, new_job_id(loaded.recipe.checkpoint.dir))
     opts = L.LaunchOptions(np=np_, hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
                            autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
                            cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file,
                            track=not no_track)
     L.set_elastic(opts, **elastic)
-    host_slots = L.resolve_hosts(opts)
-    L.check_framework_built(loaded.recipe.framework)
-    L.check_ssh(host_slots, opts)  # an unreachable host or refused key: one line, exit 2, nothing started
+    if launcher == "srun":
+        S.check_srun_options(opts)
+        placed = S.layout(alloc, np_)
+        L.check_options(opts)
+        L.check_framework_built(loaded.recipe.framework)
+        S.check_mpi_built()
+    else:
+        host_slots = L.resolve_hosts(opts)
+        L.check_framework_built(loaded.recipe.framework)
+        L.check_ssh(host_slots, opts)  # an unreachable host or refused key: one line, exit 2, nothing started
     train_args = []
     if no_track:
         train_args.append("--no-track")
@@ -170,17 +192,61 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
 
     if baseline and not no_track:
         check_baseline(baseline, loaded.recipe.name)  # a typo costs one line and exit 2, not a job start
-    cmd = L.horovodrun_command(loaded, opts, train_args, list(overrides))
+    if launcher == "srun":
+        cmd = S.srun_command(loaded, alloc, placed, train_args, list(overrides))
+        env = S.srun_env(opts, placed)
+    else:
+        cmd = L.horovodrun_command(loaded, opts, train_args, list(overrides))
+        env = L.worker_env(opts)
     t0 = time.perf_counter()
     # launch_job, not L.launch: it also settles the runs' status by job id when the job did not
     # succeed (rank 0 cannot tell a peer's failure from an interrupt: both reach it as SIGTERM).
-    out = launch_job(cmd, L.worker_env(opts), track=not no_track, experiment=experiment, job=job)
+    out = launch_job(cmd, env, track=not no_track, experiment=experiment, job=job)
     if out.status == "KILLED":
         click.echo(f"hvdkit: job interrupted ({signal.Signals(out.signal).name}) after {time.perf_counter() - t0:.1f}s", err=True)
         sys.exit(130)
     if out.rc != 0:
-        click.echo(f"hvdkit: horovodrun exited with {out.rc} after {time.perf_counter() - t0:.1f}s", err=True)
+        click.echo(f"hvdkit: {launcher} exited with {out.rc} after {time.perf_counter() - t0:.1f}s", err=True)
     sys.exit(out.rc)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("recipe")
+@click.option("-N", "--nodes", type=int, required=True, help="nodes to allocate")
+@click.option("--ntasks-per-node", type=int, required=True, help="ranks per node")
+@click.option("--partition", default=None)
+@click.option("--time", "time_limit", default=None, help="time limit, e.g. 1:00:00")
+@click.option("--job-name", default=None, help="[default: hvdkit-<recipe name>]")
+@click.option("--output", default=None, help="Slurm's output file (%j: the job id) [default: slurm-%j.out here]")
+@click.option("--requeue", is_flag=True, help="let Slurm requeue the job; it continues the same runs from its last checkpoint")
+@click.option("--script", "script_path", default=None, help="where to write the script [default: ./hvdkit-<recipe stem>.sbatch]")
+@click.option("--submit", is_flag=True, help="submit it with sbatch and print the job id")
+@click.option("--framework", type=click.Choice(["torch", "tensorflow"]), default=None, help="override the recipe's framework")
+@click.option("--experiment", default=None, help="MLflow experiment (default: hvdkit)")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def sbatch(recipe, nodes, ntasks_per_node, partition, time_limit, job_name, output, requeue, script_path, submit,
+           framework, experiment, extra) -> None:
+    """Write (and with --submit, submit) a Slurm batch script that runs RECIPE with hvdkit run.
+    EXTRA: other sbatch options (--mem=4G, --account=A...), written as #SBATCH lines, and key=value
+    recipe overrides."""
+    from pathlib import Path
+
+    from hvdkit import _slurm as S
+    from hvdkit.recipe import load_recipe
+
+    options, overrides = S.split_extra(extra)
+    loaded = load_recipe(recipe, overrides, framework=framework)  # a recipe error: one line, exit 2, nothing written
+    script = S.batch_script(recipe, loaded, nodes=nodes, ntasks_per_node=ntasks_per_node, partition=partition,
+                            time_limit=time_limit, job_name=job_name, output=output, requeue=requeue,
+                            sbatch_options=options, framework=framework, experiment=experiment, overrides=overrides)
+    path = Path(script_path or f"hvdkit-{Path(recipe.split(':')[0]).stem}.sbatch").resolve()
+    S.write_script(path, script.text)
+    click.echo(script.text, nl=False)
+    for note in script.notes:
+        click.echo(f"hvdkit: {note}", err=True)
+    click.echo(f"hvdkit: wrote {path}", err=True)
+    if submit:
+        click.echo(f"Submitted batch job {S.submit(str(path))}")
 
 
 @main.command()

@@ -266,9 +266,13 @@ def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: li
         cmd += ["-p", str(opts.ssh_port)]
     if opts.ssh_identity_file:
         cmd += ["-i", opts.ssh_identity_file]
+    return cmd + train_command(loaded, train_args, overrides)
+
+
+def train_command(loaded: LoadedRecipe, train_args: list[str], overrides: list[str]) -> list[str]:
+    """Each rank's command, whichever launcher starts it (horovodrun here, srun in hvdkit._slurm)."""
     spec = loaded.recipe.python or str(loaded.source)
-    cmd += [sys.executable, "-m", "hvdkit.train", spec, "--framework", loaded.recipe.framework, *train_args, *overrides]
-    return cmd
+    return [sys.executable, "-m", "hvdkit.train", spec, "--framework", loaded.recipe.framework, *train_args, *overrides]
 
 
 # How long local workers get to end their runs after a Ctrl-C before horovodrun is told too.
@@ -322,8 +326,8 @@ def _alive(proc) -> bool:
 class _GracefulStop:
     """What the launcher does after a Ctrl-C/SIGTERM, one poll at a time (see run_forwarding)."""
 
-    def __init__(self, pid: int, signum: int, grace_s: float) -> None:
-        self.pid, self.signum = pid, signum
+    def __init__(self, pid: int, signum: int, grace_s: float, cmd0: str = "") -> None:
+        self.pid, self.signum, self.cmd0 = pid, signum, cmd0
         self.deadline = time.monotonic() + grace_s
         self.forwarded = False
         workers = _local_workers(pid)
@@ -344,7 +348,7 @@ class _GracefulStop:
 
     def forward(self) -> None:
         self.forwarded = True
-        _killpg(self.pid, self.signum)
+        _killpg(self.pid, _forwarded_signal(self.cmd0, self.signum))
 
 
 def run_forwarding(cmd: Sequence[str], env: dict[str, str], *, grace_s: float = STOP_GRACE_S) -> tuple[int, int | None]:
@@ -378,7 +382,7 @@ def run_forwarding(cmd: Sequence[str], env: dict[str, str], *, grace_s: float = 
                 continue
             if received:
                 if stop is None:
-                    stop = _GracefulStop(proc.pid, received[0], grace_s)
+                    stop = _GracefulStop(proc.pid, received[0], grace_s, cmd0=str(cmd[0]))
                 if len(received) > 1 and not stop.forwarded:
                     stop.forward()
                 stop.poll()
@@ -386,6 +390,17 @@ def run_forwarding(cmd: Sequence[str], env: dict[str, str], *, grace_s: float = 
         for s, h in old.items():
             signal.signal(s, h)
     return rc, (received[0] if received else None)
+
+
+def _forwarded_signal(cmd0: str, signum: int) -> int:
+    """The signal the launcher's child gets for ``signum``. srun answers a lone SIGINT by printing
+    its tasks' status, not by stopping them (a second one within a second kills them outright,
+    with no time to end the runs); SIGTERM it forwards to every task, on every node. The ranks
+    under srun are slurmstepd's children, not srun's, so _GracefulStop finds no local worker
+    and forwards at once."""
+    if os.path.basename(cmd0) == "srun":
+        return signal.SIGTERM
+    return signum
 
 
 def _killpg(pgid: int, signum: int) -> None:

@@ -1,6 +1,7 @@
 """The per-rank process: ``horovodrun -np N python -m hvdkit.train RECIPE [options] [key=value ...]``.
 
-``hvdkit run`` starts exactly this under horovodrun, so a plain horovodrun line behaves the same.
+``hvdkit run`` starts exactly this under horovodrun, or under ``srun --mpi=pmix`` inside a Slurm
+allocation (hvdkit._slurm), so a plain horovodrun or srun line behaves the same.
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ def _decide_job(recipe, np, resume, force, track, experiment) -> dict:
             job.update(status="RUNNING", resumes=int(job.manifest.get("resumes") or 0) + 1, runs=runs,
                        recipe=recipe.model_dump(mode="json"), np=np)
         else:
-            job = JobFolder.for_recipe(recipe.checkpoint.dir, os.environ.get(keys.ENV_JOB_ID) or new_job_id())
+            # $HVDKIT_JOB_ID from hvdkit run; else (a plain horovodrun/srun line) rank 0 decides,
+            # from SLURM_JOB_ID inside a Slurm job (new_job_id).
+            job = JobFolder.for_recipe(recipe.checkpoint.dir,
+                                       os.environ.get(keys.ENV_JOB_ID) or new_job_id(recipe.checkpoint.dir))
             job.claim()
             job.update(status="RUNNING", resumes=0, recipe=recipe.model_dump(mode="json"), np=np,
                        experiment=_experiment(experiment), slurm_job_id=os.environ.get("SLURM_JOB_ID"))

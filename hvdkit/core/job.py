@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -48,9 +49,51 @@ class ResumeError(UsageError):
     """A ``--resume`` that cannot continue (unknown or finished job, changed recipe, bad checkpoint)."""
 
 
-def new_job_id() -> str:
-    # Sortable by start time, unique by the random part; only [0-9a-f-] (safe in MLflow filters).
+def new_job_id(checkpoint_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> str:
+    """A new job's id. Inside a Slurm job, derived from it (:func:`slurm_job_id`): one hvdkit job,
+    one set of MLflow runs, per Slurm job. Elsewhere sortable by start time, unique by the random
+    part; only [0-9a-f-] (safe in MLflow filters)."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_ID"):
+        return slurm_job_id(checkpoint_dir, env)
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def _slurm_reservations() -> Path:
+    return Path(tempfile.gettempdir()) / f"hvdkit-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "slurm-jobs"
+
+
+def slurm_job_id(checkpoint_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> str:
+    """``slurm-<SLURM_JOB_ID>`` for the first hvdkit job of a Slurm job, ``slurm-<id>-2``, ``-3``...
+    for the next ones the same allocation runs (a batch script with several ``hvdkit run``
+    lines, a sweep), and ``slurm-<id>-r<k>`` for requeue k when there was no job to continue
+    (checkpoints off; with them, :func:`slurm_requeue_spec` continues the first one).
+
+    Not the step id: srun picks it only once the step starts, after the launcher needs the id.
+    A number is taken once: an id is reserved by creating its file exclusively in this node's
+    temporary directory, and skipped when the recipe's checkpoint folder already holds a job of
+    that id (the folders are shared by the nodes; the temporary directory is not)."""
+    env = os.environ if env is None else env
+    restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    base = f"slurm-{env['SLURM_JOB_ID']}" + (f"-r{restarts}" if restarts > 0 else "")
+    reservations = _slurm_reservations()
+    try:
+        reservations.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        reservations = None  # type: ignore[assignment]  # no writable tmp: the checkpoint folders alone decide
+    for n in range(1, 10_000):
+        job_id = base if n == 1 else f"{base}-{n}"
+        if checkpoint_dir and (Path(checkpoint_dir) / job_id).exists():
+            continue
+        if reservations is not None:
+            try:
+                os.close(os.open(reservations / job_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                continue
+            except OSError:
+                pass
+        return job_id
+    return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
 def _now_ms() -> int:
@@ -315,11 +358,14 @@ def slurm_requeue_spec(recipe: Any) -> str | None:
     env = os.environ
     if not env.get("SLURM_JOB_ID") or int(env.get("SLURM_RESTART_COUNT", "0") or 0) < 1 or not recipe.checkpoint.dir:
         return None
+    # The manifest's slurm_job_id (rank 0 writes it), or the id slurm_job_id() derived from it
+    # (the launcher's id, in case the manifest predates the field).
+    own = f"slurm-{env['SLURM_JOB_ID']}"
     for m in reversed(list_jobs(recipe.checkpoint.dir)):
-        if m.get("slurm_job_id") == env["SLURM_JOB_ID"]:
+        if m.get("slurm_job_id") == env["SLURM_JOB_ID"] or m["job_id"] == own or m["job_id"].startswith(own + "-"):
             return m["job_id"]
     return None
 
 
 __all__ = ["DONE", "FORCE_FIELDS", "FREE_FIELDS", "JobFolder", "ResumeError", "ResumePlan", "check_changes", "list_jobs",
-           "new_job_id", "read_manifest", "recipe_changes", "resolve_resume", "slurm_requeue_spec", "verify_latest_checkpoint"]
+           "new_job_id", "read_manifest", "recipe_changes", "resolve_resume", "slurm_job_id", "slurm_requeue_spec", "verify_latest_checkpoint"]

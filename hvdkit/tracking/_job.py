@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import uuid
@@ -47,6 +46,7 @@ _INHERITED_TAGS = (
     keys.TAG_HOST_TYPE,
     keys.TAG_WORLD_SIZE,
     keys.TAG_JOB_ID,
+    "slurm.job_id",  # hvdkit.tracking.context.TAG_SLURM_JOB_ID (not imported here: context imports MLflow)
 )
 
 
@@ -118,11 +118,11 @@ class World:
         local_rank, local_size = 0, 1
         if launch is not None:
             _, (_, _, lr_var, ls_var) = launch
-            local_rank = int(env.get(lr_var, "0") or 0)
-            local_size = int(env.get(ls_var, "1") or 1)
+            local_rank = int(context.launch_value(env, lr_var) or 0)
+            local_size = int(context.launch_value(env, ls_var) or 1)
         hostnames: list[str] = []
         if exchange is not None:
-            me = (env.get("HOROVOD_HOSTNAME") or socket.gethostname()).encode()[:_HOSTNAME_BYTES]
+            me = context.rank_hostname(env).encode()[:_HOSTNAME_BYTES]  # an srun task: its Slurm node
             buf = np.zeros(_HOSTNAME_BYTES, dtype=np.uint8)
             buf[: len(me)] = np.frombuffer(me, dtype=np.uint8)
             got = np.asarray(exchange(buf))
