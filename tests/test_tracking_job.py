@@ -42,8 +42,24 @@ def store(tmp_path, monkeypatch):
     return uri, MlflowClient(tracking_uri=uri)
 
 
+# finish() ends with the writer's close(), which gives the store close_timeout_s to take what is
+# spooled and then leaves the rest in the spool for `hvdkit sync` (TrackingConfig's 30 s: what a dead
+# server may add to a job's end). These tests read the store right after finish(), so they need
+# close() to have applied everything: on a stalled machine a healthy sqlite store can take longer
+# than 30 s (CI once read 2 of 3 runs after close gave up), so here close waits as long as it takes,
+# and the tests check its report before reading the store.
+CLOSE_TIMEOUT_S = 300.0
+
+
 def _config(uri, tmp_path, **kw):
+    kw.setdefault("close_timeout_s", CLOSE_TIMEOUT_S)
     return TrackingConfig(tracking_uri=uri, log_every=LOG_EVERY, spool_dir=str(tmp_path / "spool"), **kw)
+
+
+def _all_applied(tracker) -> None:
+    """What the store's contents rest on: close() gave up on nothing (nothing left spooled)."""
+    report = tracker.close_report
+    assert report is not None and report.pending == 0 and report.dropped == 0, report
 
 
 def _run_job(trackers, steps=STEPS, status="FINISHED", params=None, tags=None):
@@ -65,7 +81,7 @@ def test_two_ranks_one_parent_two_children_and_exact_sums(store, tmp_path):
             for t in trackers:
                 t.log_metrics({keys.VAL_LOSS: 0.5, keys.VAL_ACCURACY: np.float32(0.75)}, step=step)
     finish_all(trackers)
-    assert trackers[0].close_report.pending == 0
+    _all_applied(trackers[0])
     assert not (tmp_path / "spool" / trackers[0].job_id).exists()  # applied: the spool is gone
 
     runs = job_runs(client)
@@ -130,6 +146,7 @@ def test_failed_and_killed_end_every_run(store, tmp_path, status):
             with trackers[1], trackers[0]:  # rank 0's context exits first, like the others
                 step_all(trackers, 1)
                 raise KeyboardInterrupt
+    _all_applied(trackers[0])
     runs = job_runs(client)
     assert len(runs) == 3
     assert {r.info.status for r in runs} == {status}
