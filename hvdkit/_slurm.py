@@ -340,6 +340,10 @@ def batch_script(recipe: str, loaded: LoadedRecipe, *, nodes: int, ntasks_per_no
                       and _credentials.is_secret(k, v))
     if left_out:
         notes.append(f"left out of the script: {', '.join(left_out)} (rank 0 reads {_credentials.credentials_path(env)} instead)")
+    cred = _credentials.credentials_path(env)
+    if uri.startswith(("http://", "https://")) and (left_out or clean != uri) and not cred.is_file():
+        notes.append(f"{cred} does not exist: create it (mode 600) in the home directory the nodes share, with "
+                     f"[mlflow] / {_credentials.USERNAME_KEY} = USER / {_credentials.PASSWORD_KEY} = PASSWORD")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         lines.append("export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # Open MPI refuses root without both")
     recipe_arg = recipe

@@ -373,3 +373,19 @@ def test_sbatch_submit_prints_the_job_id_and_keeps_secrets_out(tmp_path):
     assert res.stdout.splitlines()[-1] == "Submitted batch job 4711"
     seen = (tmp_path / "sbatch.env").read_text()
     assert "env-secret-pw" not in seen and "uri-secret" not in seen  # Slurm stores the submitting environment
+
+
+def test_horovodrun_launcher_takes_the_allocations_hosts(tmp_path):
+    """--launcher horovodrun inside an allocation: -H from its nodes (checked against -np as usual)."""
+    fake = _fake_bin(tmp_path, scontrol=FAKE_SCONTROL, srun=FAKE_SRUN)
+    res = hvdkit(["run", DIGITS, "--no-track", "--launcher", "horovodrun", "-np", "5"], env=_slurm_env(tmp_path, fake), timeout=120)
+    assert res.returncode == 2 and "-np 5 is larger than the 4 slot(s) of the hosts (n1:2,n2:2)" in res.stderr, res.stderr
+    assert not (tmp_path / "srun.args").exists()
+
+
+def test_sbatch_names_a_missing_credentials_file(tmp_path):
+    env = _slurm_env(tmp_path, _fake_bin(tmp_path), HOME=str(tmp_path), MLFLOW_TRACKING_URI="https://mlflow.example",
+                     MLFLOW_TRACKING_PASSWORD="pw-9")
+    res = hvdkit(["sbatch", DIGITS, "-N", "2", "--ntasks-per-node", "1"], env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"{tmp_path}/.mlflow/credentials does not exist" in res.stderr and "pw-9" not in res.stderr + res.stdout
