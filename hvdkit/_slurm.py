@@ -234,8 +234,13 @@ def srun_command(loaded: LoadedRecipe, alloc: Allocation, placed: list[tuple[str
     if np < alloc.ntasks:
         # Part of the allocation: pin the nodes and the fill, else srun spreads the ranks its own
         # way (and rank 0 may leave the batch script's node).
-        cmd += ["-N", str(len(placed)), f"--nodelist={','.join(h for h, _ in placed)}",
-                f"--ntasks-per-node={max(n for _, n in placed)}", "--distribution=block"]
+        cmd += ["-N", str(len(placed)), f"--nodelist={','.join(h for h, _ in placed)}"]
+        counts = {n for _, n in placed}
+        if len(counts) == 1:
+            cmd.append(f"--ntasks-per-node={counts.pop()}")
+        # An uneven fill (3 ranks on 2+1): srun ignores --ntasks-per-node there (with a warning);
+        # block alone fills the first node first.
+        cmd.append("--distribution=block")
     return cmd + L.train_command(loaded, train_args, overrides)
 
 

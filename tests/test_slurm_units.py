@@ -146,11 +146,11 @@ def test_srun_command_whole_and_part_of_the_allocation(tmp_path, monkeypatch):
     whole = srun_command(loaded, _alloc(), layout(_alloc(), 4), ["--no-track"], ["epochs=2"])
     assert whole == [str(fake / "srun"), "--mpi=pmix", "--kill-on-bad-exit=1", "-n", "4", *tail]
     three = srun_command(loaded, _alloc(), layout(_alloc(), 3), ["--no-track"], ["epochs=2"])
-    assert three[:10] == [str(fake / "srun"), "--mpi=pmix", "--kill-on-bad-exit=1", "-n", "3", "-N", "2",
-                          "--nodelist=n1,n2", "--ntasks-per-node=2", "--distribution=block"]
+    assert three[:9] == [str(fake / "srun"), "--mpi=pmix", "--kill-on-bad-exit=1", "-n", "3", "-N", "2",
+                         "--nodelist=n1,n2", "--distribution=block"]  # 2+1: block fills n1 first
     assert layout(_alloc(), 2) == [("n1", 2)]  # rank 0 stays on the first node
     one_node = srun_command(loaded, _alloc(), layout(_alloc(), 2), [], [])
-    assert "--nodelist=n1" in one_node and "-N" in one_node
+    assert one_node[5:9] == ["-N", "1", "--nodelist=n1", "--ntasks-per-node=2"]
 
 
 def test_np_larger_than_the_allocation():
@@ -198,8 +198,8 @@ def test_run_inside_allocation_starts_srun(tmp_path):
     assert res.returncode == 3 and "srun exited with 3" in res.stderr
     srun_vars = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
     assert srun_vars["HVDKIT_JOB_ID"] == "slurm-4242-2"
-    assert (tmp_path / "srun.args").read_text().splitlines()[3:10] == [
-        "3", "-N", "2", "--nodelist=n1,n2", "--ntasks-per-node=2", "--distribution=block", sys.executable]
+    assert (tmp_path / "srun.args").read_text().splitlines()[3:9] == [
+        "3", "-N", "2", "--nodelist=n1,n2", "--distribution=block", sys.executable]
 
 
 def test_run_np_larger_than_allocation_exits_2(tmp_path):
