@@ -115,6 +115,21 @@ def steps_launched(cluster: SlurmCluster, job_id: str) -> list[str]:
     return found
 
 
+def node_processes(cluster: SlurmCluster) -> list[str]:
+    """Processes left in the nodes' network namespaces other than the slurmds themselves."""
+    left = []
+    for node in cluster.nodes:
+        res = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, timeout=30)
+        for pid in res.stdout.split():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            if cmd and not cmd.startswith("slurmd "):
+                left.append(f"{node} {pid} {cmd[:120]}")
+    return left
+
+
 def job_output(path: Path, limit: int = 6000) -> str:
     try:
         return path.read_text(errors="replace")[-limit:]

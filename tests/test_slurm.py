@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from _paced import write_paced_recipe
-from _slurm import (CLUSTER, NODES, PARTITION, first_metric_ms, hostnames, job_info, job_output, remove, runs_of,
-                    shared_dir, slurm, squeue, start_cluster, steps_launched, submitted_job_id, wait_job)
+from _slurm import (CLUSTER, NODES, PARTITION, first_metric_ms, hostnames, job_info, job_output, node_processes,
+                    remove, runs_of, shared_dir, slurm, squeue, start_cluster, steps_launched, submitted_job_id,
+                    wait_job)
 from conftest import BIN, REPO, explain, hvdkit
 
 pytestmark = pytest.mark.slow
@@ -109,6 +110,7 @@ def test_sbatch_trains_across_both_nodes_and_the_runs_carry_slurm_tags(cluster, 
     out = job_output(Path(info.get("StdOut", str(work / f"slurm-{job_id}.out"))))
     assert info["JobState"] == "COMPLETED", f"{info['JobState']} exit {info.get('ExitCode')}\n{out}"
     assert sorted(hostnames(cluster, info["NodeList"])) == sorted(NODES), info["NodeList"]
+    assert steps_launched(cluster, job_id), "no srun step in the slurmd logs"  # (the check test_np_... relies on)
 
     client, runs = runs_of(uri, "slurm-digits")
     parents = [r for r in runs if r.data.tags.get("hvdkit.role") == "parent"]
@@ -181,6 +183,10 @@ def test_scancel_ends_every_run_killed(cluster, work):
             break
         time.sleep(1)
     assert len(runs) == 3 and all(s == "KILLED" for _, s in statuses), (statuses, job_output(work / f"slurm-{job_id}.out"))
+    deadline = time.monotonic() + 15
+    while node_processes(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not node_processes(cluster), node_processes(cluster)  # no rank left on either node
 
 
 # -- bad input: nothing starts -----------------------------------------------------------------
