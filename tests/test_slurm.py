@@ -50,7 +50,7 @@ def work():
     remove(d)
 
 
-def _quiet_queue(cluster, timeout: float = 300) -> None:
+def _quiet_queue(cluster, timeout: float = 120) -> None:
     """Let jobs of an earlier test, or of someone else on this cluster, leave the nodes first (a job
     submitted meanwhile waits in the queue: the tests' own waits cover that)."""
     deadline = time.monotonic() + timeout
