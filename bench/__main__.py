@@ -1,4 +1,4 @@
-"""``python -m bench {all,tracking,scaling,ddp,writer,launch,outage} [--quick] [--reps N] [--full]``."""
+"""``python -m bench {all,tracking,scaling,ddp,writer,launch,outage,slurm} [--quick] [--reps N] [--full]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bench import _common as C
 BENCHES = ("tracking", "scaling", "ddp", "writer", "launch")
 # Not in "all": the outage bench takes ~15 min of its own (each job outlasts a 60 s outage)
 # and needs root for PostgreSQL.
-EXTRA = ("outage",)
+EXTRA = ("outage", "slurm")  # slurm: root and the two-node cluster of .ci/slurm
 
 
 def main(argv: list[str] | None = None) -> int:
