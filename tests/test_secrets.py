@@ -254,7 +254,10 @@ def test_refused_before_anything_starts(cluster, server, trainer, case):
 def test_single_host_job_keeps_its_environment_and_no_command_line_names_the_password(cluster, server, trainer):
     """One host, as before this change: the ranks get the password from the environment (inherited
     from horovodrun, not written on their `env ...` command lines) and the runs land."""
-    env = _job_env(cluster, server, trainer, HOME=str(cluster.tmp / "home-single"))  # no credentials file there
+    # The mark tells this job's processes from any other hvdkit job on the machine.
+    mark = f"HVDKIT_TEST_JOB={os.getpid()}-{time.monotonic_ns()}".encode()
+    env = _job_env(cluster, server, trainer, HOME=str(cluster.tmp / "home-single"),  # no credentials file there
+                   HVDKIT_TEST_JOB=mark.decode().split("=", 1)[1])
     runs_before = _all_runs(server)
     scanner = Scanner(trainer[1])
     scanner.netns = {}  # everything runs here: look at the ranks and horovodrun
@@ -268,8 +271,9 @@ def test_single_host_job_keeps_its_environment_and_no_command_line_names_the_pas
                     if b"hvdkit.train" in cmdline or b"hvdkit._horovodrun" in cmdline:
                         if trainer[1].encode() in cmdline:
                             scanner.found.append(f"cmdline of {d.name}: {cmdline[:200]!r}")
-                        if b"hvdkit.train" in cmdline:
-                            rank_env[int(d.name)] = trainer[1].encode() in (d / "environ").read_bytes()
+                        environ = (d / "environ").read_bytes()
+                        if b"hvdkit.train" in cmdline and mark in environ.split(b"\0"):
+                            rank_env[int(d.name)] = trainer[1].encode() in environ
                 except OSError:
                     continue
             scanner.stop.wait(0.1)
