@@ -378,14 +378,26 @@ def write_script(path: Path, text: str) -> None:
                          fix="pass --script PATH in a directory you can write to") from None
 
 
-_SBATCH_FIXES = (  # (what sbatch said, the fix)
-    ("invalid partition", "pick a partition sinfo lists (sinfo -s), or drop --partition for the default one"),
-    ("Requested node configuration is not available",
+_SBATCH_FIXES = (  # (what sbatch said, the script's options it is about, the fix)
+    ("invalid partition", ("--partition",), "pick a partition sinfo lists (sinfo -s), or drop --partition for the default one"),
+    ("Requested node configuration is not available", ("--nodes", "--ntasks-per-node"),
      "lower --ntasks-per-node to the CPUs of a node (sinfo -o '%n %c'), or add nodes (-N) instead"),
-    ("More processors requested than permitted", "lower -N or --ntasks-per-node to what the partition allows (sinfo -o '%P %D %c')"),
-    ("Node count specification invalid", "lower -N to the nodes of the partition (sinfo -s)"),
-    ("time limit", "lower --time to the partition's limit (sinfo -o '%P %l')"),
+    ("More processors requested than permitted", ("--nodes", "--ntasks-per-node"),
+     "lower -N or --ntasks-per-node to what the partition allows (sinfo -o '%P %D %c')"),
+    ("Node count specification invalid", ("--nodes",), "lower -N to the nodes of the partition (sinfo -s)"),
+    ("time limit", ("--time",), "lower --time to the partition's limit (sinfo -o '%P %l')"),
 )
+
+
+def _sbatch_values(script_path: str, names: tuple[str, ...]) -> str:
+    """The script's ``#SBATCH`` values for ``names``, e.g. ``--partition=nosuch``: the bad value, named."""
+    try:
+        lines = Path(script_path).read_text().splitlines()
+    except OSError:
+        return ""
+    found = [ln.split(None, 1)[1].strip() for ln in lines
+             if ln.startswith("#SBATCH ") and ln.split(None, 1)[1].split("=", 1)[0].strip() in names]
+    return " ".join(found)
 
 
 def submit(script_path: str, env: Mapping[str, str] | None = None) -> str:
@@ -408,9 +420,12 @@ def submit(script_path: str, env: Mapping[str, str] | None = None) -> str:
     if res.returncode != 0:
         said = [ln.strip() for ln in res.stderr.splitlines() if ln.strip()] or [f"sbatch exited with {res.returncode}"]
         last = said[-1].removeprefix("sbatch: error: ")
-        fix = next((f for needle, f in _SBATCH_FIXES if needle.lower() in " ".join(said).lower()),
-                   f"change the option sbatch names, then submit again (sbatch {script_path})")
-        raise LaunchError(f"sbatch refused the job: {last}", fix=fix)
+        hit = next((h for h in _SBATCH_FIXES if h[0].lower() in " ".join(said).lower()), None)
+        if hit is None:
+            raise LaunchError(f"sbatch refused the job: {last}",
+                              fix=f"change the option sbatch names, then submit again (sbatch {script_path})")
+        values = _sbatch_values(script_path, hit[1])
+        raise LaunchError(f"sbatch refused the job{f' ({values})' if values else ''}: {last}", fix=hit[2])
     job_id = res.stdout.strip().split(";")[0].strip()
     if not job_id.isdigit():
         raise LaunchError(f"sbatch printed {res.stdout.strip()!r}, not a job id", fix=f"check the queue (squeue --me) and sbatch {script_path}")

@@ -241,12 +241,14 @@ def sbatch(recipe, nodes, ntasks_per_node, partition, time_limit, job_name, outp
                             sbatch_options=options, framework=framework, experiment=experiment, overrides=overrides)
     path = Path(script_path or f"hvdkit-{Path(recipe.split(':')[0]).stem}.sbatch").resolve()
     S.write_script(path, script.text)
+    # Submit before saying anything else: a refusal by sbatch is then the one line on stderr.
+    job_id = S.submit(str(path)) if submit else None
     click.echo(script.text, nl=False)
     for note in script.notes:
         click.echo(f"hvdkit: {note}", err=True)
     click.echo(f"hvdkit: wrote {path}", err=True)
-    if submit:
-        click.echo(f"Submitted batch job {S.submit(str(path))}")
+    if job_id is not None:
+        click.echo(f"Submitted batch job {job_id}")
 
 
 @main.command()
