@@ -4,7 +4,8 @@ and a slurmctld on this machine, started by `.ci/slurm` (tests/_slurm.py).
 - the cluster itself: `srun --mpi=pmix -N 2 -n 2` starts Horovod across both nodes (no hvdkit);
 - `hvdkit sbatch ... --submit`: digits trains on 2 ranks, one per node, and the runs land with the
   Slurm tags and both hostnames; the time from sbatch to the first training step is printed;
-- `scancel` in the middle of a job leaves every run KILLED;
+- `scancel` in the middle of a job leaves every run KILLED; `scontrol requeue` of an `--requeue` job
+  continues the same runs from the last checkpoint;
 - an allocation smaller than -np, an unknown partition, more tasks per node than a node has CPUs:
   one line, exit 2, nothing started or submitted.
 
@@ -187,6 +188,43 @@ def test_scancel_ends_every_run_killed(cluster, work):
     while node_processes(cluster) and time.monotonic() < deadline:
         time.sleep(1)
     assert not node_processes(cluster), node_processes(cluster)  # no rank left on either node
+
+
+def test_requeued_job_continues_the_same_runs_from_its_last_checkpoint(cluster, work):
+    """`hvdkit sbatch --requeue`, then `scontrol requeue` once checkpoints exist (what preemption or a
+    lost node does): Slurm starts the script again (SLURM_RESTART_COUNT=1), and hvdkit continues the
+    same job and the same MLflow runs from the last checkpoint, which end FINISHED."""
+    _quiet_queue(cluster)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = cluster.env(MLFLOW_TRACKING_URI=uri)
+    ckpt = work / "ckpt"
+    res = hvdkit(["sbatch", str(DIGITS), "-N", "2", "--ntasks-per-node", "1", "--requeue", "--script",
+                  str(work / "requeue.sbatch"), "--job-name", _job_name("requeue"), "--experiment", "slurm-requeue",
+                  "--submit", "epochs=120", "checkpoint.every_epochs=5", "log.progress=false", f"checkpoint.dir={ckpt}"],
+                 cwd=work, env=env, timeout=120)
+    assert res.returncode == 0, explain(res)
+    job_id = submitted_job_id(res.stdout)
+    assert job_id and "#SBATCH --requeue" in (work / "requeue.sbatch").read_text()
+    folder = ckpt / f"slurm-{job_id}"
+    deadline = time.monotonic() + 600
+    while not list(folder.glob("ckpt-e*.pt")):
+        info = job_info(cluster, job_id)
+        assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), (info, job_output(work / f"slurm-{job_id}.out"))
+        assert time.monotonic() < deadline, f"no checkpoint after 600 s: {info}"
+        time.sleep(1)
+    _, before = runs_of(uri, "slurm-requeue")
+    slurm(cluster, "scontrol", "requeue", job_id)
+    info = wait_job(cluster, job_id, timeout=900, until={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    out = job_output(work / f"slurm-{job_id}.out")
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", (info, out)
+    assert "resuming job" in out, out
+    _, runs = runs_of(uri, "slurm-requeue")
+    assert sorted(r.info.run_id for r in runs) == sorted(r.info.run_id for r in before) and len(runs) == 3, \
+        ([r.info.run_id for r in before], [r.info.run_id for r in runs])
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags.get("hvdkit.role"), r.info.status) for r in runs]
+    parent = next(r for r in runs if r.data.tags.get("hvdkit.role") == "parent")
+    assert parent.data.tags.get("hvdkit.resumes") == "1", parent.data.tags
+    assert parent.data.metrics.get("val_accuracy", 0) >= 0.95, parent.data.metrics
 
 
 # -- bad input: nothing starts -----------------------------------------------------------------
