@@ -16,7 +16,6 @@ Framework-free, like the tracking layer: the jobs import the frameworks, this pr
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hvdkit._ids import experiment_name
 from hvdkit.errors import LaunchError, TrackingError, UsageError
 from hvdkit.launch import run_forwarding
 from hvdkit.core.job import JobFolder, new_job_id
@@ -36,11 +36,6 @@ from hvdkit.tracking._resume import job_runs
 # store must not keep a finished job's launcher alive).
 SETTLE_TIMEOUT_S = 30.0
 TAG_SWEEP_NP = "hvdkit.sweep_np"  # the sweep's rank counts, e.g. "1,2,4" (sweep run)
-
-
-def experiment_name(experiment: str | None) -> str:
-    """The experiment a job writes to: as ``hvdkit.train`` resolves it, so launcher and ranks agree."""
-    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hvdkit"
 
 
 # -- one job ---------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ allocation (hvdkit._slurm), so a plain horovodrun or srun line behaves the same.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from hvdkit._files import atomic_write_json
+from hvdkit._ids import experiment_name
 from hvdkit.errors import HvdkitError
 
 
@@ -60,18 +61,10 @@ def _thread_cpu_s() -> dict[str, float]:
 
 
 def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> None:
-    data = {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
-            "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
-            "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks,
-            "thread_cpu_s": threads or {}}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def _experiment(experiment):
-    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hvdkit"
+    atomic_write_json(path, {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
+                             "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
+                             "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks,
+                             "thread_cpu_s": threads or {}}, compact=True)
 
 
 def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job=None):
@@ -79,7 +72,7 @@ def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job
 
     return TrackingConfig(
         enabled=not no_track,
-        experiment=_experiment(experiment),
+        experiment=experiment_name(experiment),
         run_name=f"{recipe.name}-{recipe.framework}",
         log_every=log_every or recipe.log.every_steps,
         per_rank_runs=recipe.log.per_rank_runs,
@@ -113,7 +106,7 @@ def _decide_job(recipe, np, resume, force, track, experiment) -> dict:
             if track and "parent" not in runs:  # rank 0 died before recording them
                 from hvdkit.tracking._resume import find_job_runs
 
-                runs = find_job_runs(job.job_id, _experiment(experiment))
+                runs = find_job_runs(job.job_id, experiment_name(experiment))
             job.update(status="RUNNING", resumes=int(job.manifest.get("resumes") or 0) + 1, runs=runs,
                        recipe=recipe.model_dump(mode="json"), np=np)
         else:
@@ -123,7 +116,7 @@ def _decide_job(recipe, np, resume, force, track, experiment) -> dict:
                                        os.environ.get(keys.ENV_JOB_ID) or new_job_id(recipe.checkpoint.dir))
             job.claim()
             job.update(status="RUNNING", resumes=0, recipe=recipe.model_dump(mode="json"), np=np,
-                       experiment=_experiment(experiment), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+                       experiment=experiment_name(experiment), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
         return {"job_id": job.job_id, "dir": str(job.dir) if job.dir else None, "resumed": job.resumed,
                 "manifest": job.manifest}
     except HvdkitError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from hvdkit._files import atomic_write_json
 from hvdkit.build import _env
 from hvdkit.build._cache import BuildKey, CachedWheel, WheelCache, cache_root
 from hvdkit.build._patches import PATCHES, apply_patches
@@ -206,10 +206,8 @@ def install_wheel(cached: CachedWheel, versions: dict[str, str], log: Callable[[
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise BuildError(f"installing {cached.wheel.name} failed: {tail}", fix="rerun with a writable environment")
     # Horovod's runtime Python deps (cloudpickle, psutil, pyyaml, packaging) come with hvdkit itself.
-    tmp = _env.MARKER.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sha256": cached.sha256, "wheel": cached.wheel.name, "key": asdict(cached.key),
-                               "frameworks": versions}, indent=2) + "\n")
-    os.replace(tmp, _env.MARKER)
+    atomic_write_json(_env.MARKER, {"sha256": cached.sha256, "wheel": cached.wheel.name, "key": asdict(cached.key),
+                                    "frameworks": versions})
     return True
 
 
@@ -233,9 +231,7 @@ def _record_controllers(probe: dict[str, dict]) -> None:
     if marker is None:
         return
     marker["controllers"] = {c: all(p.get(c) for p in probe.values()) for c in CONTROLLERS}
-    tmp = _env.MARKER.with_suffix(".tmp")
-    tmp.write_text(json.dumps(marker, indent=2) + "\n")
-    os.replace(tmp, _env.MARKER)
+    atomic_write_json(_env.MARKER, marker)
 
 
 def build_horovod(plan: BuildPlan, log: Callable[[str], None] = print) -> BuildResult:

@@ -1,6 +1,7 @@
 """Core layer: the framework-free training contract (sharding, LR rule, checkpoints, the loop)."""
 
-from hvdkit.core.checkpoint import CheckpointPolicy, atomic_write
+from hvdkit._files import atomic_write
+from hvdkit.core.checkpoint import CheckpointPolicy
 from hvdkit.core.data import ArrayDataset, load_builtin
 from hvdkit.core.job import JobFolder
 from hvdkit.core.knobs import apply_horovod_knobs

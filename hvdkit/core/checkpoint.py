@@ -15,20 +15,6 @@ from pathlib import Path
 _NAME = re.compile(r"^ckpt-e(\d{4,})\.(\w+)$")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 class CheckpointPolicy:
     def __init__(self, directory: str | os.PathLike | None, every_epochs: int, ext: str,
                  on_saved: Callable[[Path, dict], None] | None = None) -> None:

@@ -18,14 +18,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvdkit._files import atomic_write_json
+from hvdkit._ids import new_job_id, slurm_job_id
 from hvdkit.errors import UsageError
 
 MANIFEST = "job.json"
@@ -49,64 +49,8 @@ class ResumeError(UsageError):
     """A ``--resume`` that cannot continue (unknown or finished job, changed recipe, bad checkpoint)."""
 
 
-def new_job_id(checkpoint_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> str:
-    """A new job's id. Inside a Slurm job, derived from it (:func:`slurm_job_id`): one hvdkit job,
-    one set of MLflow runs, per Slurm job. Elsewhere sortable by start time, unique by the random
-    part; only [0-9a-f-] (safe in MLflow filters)."""
-    env = os.environ if env is None else env
-    if env.get("SLURM_JOB_ID"):
-        return slurm_job_id(checkpoint_dir, env)
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
-
-
-def _slurm_reservations() -> Path:
-    return Path(tempfile.gettempdir()) / f"hvdkit-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "slurm-jobs"
-
-
-def slurm_job_id(checkpoint_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> str:
-    """``slurm-<SLURM_JOB_ID>`` for the first hvdkit job of a Slurm job, ``slurm-<id>-2``, ``-3``...
-    for the next ones the same allocation runs (a batch script with several ``hvdkit run``
-    lines, a sweep), and ``slurm-<id>-r<k>`` for requeue k when there was no job to continue
-    (checkpoints off; with them, :func:`slurm_requeue_spec` continues the first one).
-
-    Not the step id: srun picks it only once the step starts, after the launcher needs the id.
-    A number is taken once: an id is reserved by creating its file exclusively in this node's
-    temporary directory, and skipped when the recipe's checkpoint folder already holds a job of
-    that id (the folders are shared by the nodes; the temporary directory is not)."""
-    env = os.environ if env is None else env
-    restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
-    base = f"slurm-{env['SLURM_JOB_ID']}" + (f"-r{restarts}" if restarts > 0 else "")
-    reservations = _slurm_reservations()
-    try:
-        reservations.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        reservations = None  # type: ignore[assignment]  # no writable tmp: the checkpoint folders alone decide
-    for n in range(1, 10_000):
-        job_id = base if n == 1 else f"{base}-{n}"
-        if checkpoint_dir and (Path(checkpoint_dir) / job_id).exists():
-            continue
-        if reservations is not None:
-            try:
-                os.close(os.open(reservations / job_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            except FileExistsError:
-                continue
-            except OSError:
-                pass
-        return job_id
-    return f"{base}-{uuid.uuid4().hex[:8]}"
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -167,7 +111,7 @@ class JobFolder:
         data["updated_ms"] = _now_ms()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_json(self.dir / MANIFEST, data)
+            atomic_write_json(self.dir / MANIFEST, data)
         except OSError as exc:
             raise UsageError(f"cannot write the job folder {self.dir}: {exc.strerror or exc}",
                              fix="set checkpoint.dir to a writable directory (or checkpoint.dir=null)") from None

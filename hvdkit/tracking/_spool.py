@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvdkit._files import atomic_write_json
 from hvdkit.errors import TrackingError
 from hvdkit.tracking._credentials import is_masked, mask_uri
 
@@ -64,16 +65,6 @@ class TargetState:
     creating: list[str] = field(default_factory=list)
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    # tmp + fsync + replace: a reader (or a crash) sees the old file or the new one, never half.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Spool:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory)
@@ -100,9 +91,10 @@ class Spool:
         # A password in the URI is masked (user:***@): the spool outlives the job and may be
         # copied around; meta() puts the password back from $MLFLOW_TRACKING_URI when it names
         # the same store.
-        _atomic_write_json(
+        atomic_write_json(
             directory / META,
             {"format": FORMAT, "job_id": job_id, "tracking_uri": mask_uri(tracking_uri), "created_ms": now_ms()},
+            compact=True,
         )
         return cls(directory)
 
@@ -233,7 +225,7 @@ class Spool:
             except (OSError, ValueError):
                 pass
         data.setdefault("targets", {})[mask_uri(target_uri)] = asdict(state)  # keyed without the password
-        _atomic_write_json(path, data)
+        atomic_write_json(path, data, compact=True)
 
     def remove(self) -> None:
         self.unlock()
