@@ -31,6 +31,9 @@ class Backend(Protocol):
     rank: int
     size: int
     checkpoint_ext: str
+    # The accelerator this rank trains on, by name (e.g. "NVIDIA H100 80GB HBM3"), or None on
+    # the CPU: the framework layer knows it, tracking records it (host type, config).
+    accelerator: str | None
 
     def batch(self, indices: np.ndarray) -> Any:
         """This rank's batch for ``indices`` (into the training arrays), ready for ``train_step``."""

@@ -18,24 +18,21 @@ torch, hvd = require("torch")
 
 from hvdkit.torch import _models  # noqa: E402  (needs torch, imported just above)
 
-# How the training thread waits for the gradient allreduces: "spin" is Horovod's own
-# synchronize(); N >= 0 polls with time.sleep(N microseconds) between polls (0: only hands the GIL
-# over, e.g. to rank 0's tracking writer). Measured in bench/ (136k-param MLP, np=2 on 2 cores):
-# sleeping 20 us gave the core to Horovod's background thread while each gradient had its own
-# allreduce; since one grouped allreduce per step it loses to the spin (hvdkit/DDP 0.62 vs 0.74).
-ENV_POLL_SLEEP_US = "HVDKIT_POLL_SLEEP_US"
-_DEFAULT_POLL = "spin"
+def accelerator_name(device: "torch.device | str | None") -> str | None:
+    """The GPU's name when ``device`` is a CUDA device (``torch.cuda.get_device_name``), else None."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_name(device)
 
 
-def _poll_sleep_s() -> float | None:
-    """Seconds to sleep between polls, or None for Horovod's own (spinning) synchronize()."""
-    raw = os.environ.get(ENV_POLL_SLEEP_US, _DEFAULT_POLL).strip().lower()
-    if raw in ("", "spin"):
-        return None
-    try:
-        return max(0.0, float(raw)) / 1e6
-    except ValueError:
-        return None
+def _model_device(model: "torch.nn.Module") -> "torch.device":
+    """Where ``model``'s parameters live (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _optimizer(params, spec) -> "torch.optim.Optimizer":
@@ -64,8 +61,9 @@ class TorchBackend:
         self.y_val = torch.from_numpy(data.y_val[val])
         self.model = model if model is not None else _models.build(recipe.model, tuple(self.x.shape[1:]), data.num_classes)
         self.loss_fn = torch.nn.CrossEntropyLoss()
+        # The GPU this rank trains on (its name), or None on the CPU: reported to tracking.
+        self.accelerator: str | None = accelerator_name(_model_device(self.model))
         self.passes = recipe.horovod.backward_passes_per_step
-        self._poll_sleep = _poll_sleep_s()
         compression = hvd.Compression.fp16 if recipe.horovod.compression == "fp16" else hvd.Compression.none
         # Averages g_i over ranks in background allreduces that start as each gradient is ready.
         self.optimizer = hvd.DistributedOptimizer(
@@ -102,29 +100,13 @@ class TorchBackend:
             loss.backward()
             total += loss.item()
         t0 = time.perf_counter()
-        self._await_allreduces()
-        self.optimizer.synchronize()  # the averaged gradients (already there: returns at once)
+        # Horovod's own spinning synchronize(): measured faster than a sleeping poll once there is
+        # one grouped allreduce per step (docs/benchmarks.md).
+        self.optimizer.synchronize()
         comm = time.perf_counter() - t0
         with self.optimizer.skip_synchronize():
             self.optimizer.step()  # θ ← θ − η·g with g = (1/p) Σ g_i
         return total, comm
-
-    def _await_allreduces(self) -> None:
-        """Block until the gradient allreduces the backward hooks started are done, sleeping
-        between polls instead of spinning (see ENV_POLL_SLEEP_US)."""
-        if self._poll_sleep is None:
-            return
-        # Horovod's own map of in-flight allreduces (param or group -> (handle, ctx)); a handle is
-        # None for a parameter whose allreduce synchronize() will start itself.
-        handles = getattr(self.optimizer, "_handles", None)
-        if not handles:
-            return
-        pending = [h for h, _ in handles.values() if type(h) is int]
-        poll, sleep, nap = hvd.poll, time.sleep, self._poll_sleep
-        while pending:
-            pending = [h for h in pending if not poll(h)]
-            if pending:
-                sleep(nap)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -153,10 +135,6 @@ class TorchBackend:
         return wait
 
     def _result(self, handle: int) -> "torch.Tensor":
-        nap = self._poll_sleep
-        if nap is not None:
-            while not hvd.poll(handle):
-                time.sleep(nap)
         return hvd.synchronize(handle)
 
     def broadcast_object(self, obj: Any) -> Any:
