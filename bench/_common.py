@@ -162,11 +162,13 @@ class JobResult:
 
 def run_job(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 600, what: str = "job") -> JobResult:
-    """Run one job that writes ``$HVDKIT_SUMMARY_JSON`` (hvdkit.train or a bench runner)."""
+    """Run one job that writes rank 0's summary: hvdkit's ``--summary-json`` (the :data:`SUMMARY`
+    placeholder in ``cmd``) or a bench runner's ``$HVDKIT_SUMMARY_JSON``."""
     with tempfile.TemporaryDirectory(prefix="hvdkit-bench-") as td:
         summary_path = Path(td) / "summary.json"
         env = dict(env or job_env())
-        env["HVDKIT_SUMMARY_JSON"] = str(summary_path)
+        env["HVDKIT_SUMMARY_JSON"] = str(summary_path)  # read by bench runners only, never by hvdkit
+        cmd = with_summary(cmd, summary_path)
         t0 = time.time()
         proc = subprocess.run(list(cmd), env=env, cwd=cwd or td, capture_output=True, text=True, timeout=timeout)
         wall = time.time() - t0
@@ -178,9 +180,17 @@ def run_job(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
     return JobResult(float(summary["samples_per_sec"]), wall, marks, summary)
 
 
+# Stands for the summary file in a command line; run_job (or with_summary) puts the path in.
+SUMMARY = "{summary_json}"
+
+
+def with_summary(cmd: Sequence[str], path: str | Path) -> list[str]:
+    return [str(path) if a == SUMMARY else a for a in cmd]
+
+
 def hvdkit_cmd(recipe: str | Path, np: int, overrides: Sequence[str] = (), *, track: bool = False,
                flags: Sequence[str] = ()) -> list[str]:
-    cmd = [str(BIN / "hvdkit"), "run", str(recipe), "-np", str(np), *flags]
+    cmd = [str(BIN / "hvdkit"), "run", str(recipe), "-np", str(np), "--summary-json", SUMMARY, *flags]
     if not track:
         cmd.append("--no-track")
     return [*cmd, *QUIET, *overrides]

@@ -2,7 +2,7 @@
 same recipe (np=2, no tracking, a short run), side by side.
 
 Time to first step is rank 0's wall clock at the end of its first optimizer step (written by
-``hvdkit.train`` to ``$HVDKIT_SUMMARY_JSON``) minus the moment the bench started the launcher;
+``hvdkit.train`` to its ``--summary-json`` file) minus the moment the bench started the launcher;
 wall time is launcher start to launcher exit. The phases in between (interpreter up, frameworks
 imported, Horovod joined, ...) are reported too, so a regression points at its phase.
 """
@@ -23,7 +23,7 @@ def _cmd(variant: str, steps: int) -> list[str]:
     if variant == "hvdkit run":
         return C.hvdkit_cmd(recipe, 2, overrides)
     return [str(C.BIN / "horovodrun"), "-np", "2", "--gloo", C.PY, "-m", "hvdkit.train", str(recipe),
-            "--no-track", *C.QUIET, *overrides]
+            "--no-track", "--summary-json", C.SUMMARY, *C.QUIET, *overrides]
 
 
 def run(quick: bool = False, reps: int | None = None) -> list[dict]:

@@ -86,7 +86,8 @@ def _job(srv: MlflowServer, variant: str, cfg: dict, rnd: int) -> dict:
         cwd = Path(td)
         summary_path = cwd / "summary.json"
         env = C.job_env(MLFLOW_TRACKING_URI=srv.url, MLFLOW_TRACKING_USERNAME=srv.admin[0],
-                        MLFLOW_TRACKING_PASSWORD=srv.admin[1], HVDKIT_SUMMARY_JSON=str(summary_path))
+                        MLFLOW_TRACKING_PASSWORD=srv.admin[1])
+        cmd = C.with_summary(cmd, summary_path)
         spare = None
         t0 = time.time()
         with open(cwd / "job.log", "w+") as log:

@@ -76,14 +76,14 @@ def main() -> None:
     import horovod.common.util as util
     import horovod.runner.launch as launch
 
-    from hvdkit.build import _env
+    from hvdkit.build import env as build_env
     from hvdkit.launch import use_host_key_checking
 
-    marker = _env.installed_build() or {}
+    marker = build_env.installed_build() or {}
     controllers = marker.get("controllers")
     built_for = marker.get("frameworks") or {}
     # Trust the marker only while the frameworks it was built against are still those installed.
-    if controllers and built_for and all(_env.framework_version(fw) == v for fw, v in built_for.items()):
+    if controllers and built_for and all(build_env.framework_version(fw) == v for fw, v in built_for.items()):
         # The launcher module imported these by name, so patch both places.
         for mod in (util, launch):
             mod.gloo_built = lambda verbose=False: bool(controllers.get("gloo"))

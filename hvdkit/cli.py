@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -84,6 +85,21 @@ def _launch_options(f):
     return f
 
 
+# The launch options both `run` and `scale` take (besides -np and --framework): one LaunchOptions
+# is built from them, by _launch_options_from, for either command.
+_LAUNCH_FIELDS = ("hosts", "hostfile", "controller", "timeline", "autotune", "autotune_log", "fusion_threshold_mb",
+                  "cycle_time_ms", "ssh_port", "ssh_identity_file")
+_ELASTIC_FIELDS = ("elastic", "min_np", "max_np", "host_discovery_script", "slots_per_host", "elastic_timeout",
+                   "reset_limit", "blacklist_cooldown_range", "network_interface")
+
+
+def _launch_options_from(params: dict, **more):
+    """The LaunchOptions of the `_launch_options` values in ``params`` (click's keyword arguments)."""
+    from hvdkit.launch import LaunchOptions
+
+    return LaunchOptions(**{k: params[k] for k in _LAUNCH_FIELDS}, **more)
+
+
 def _elastic_options(f):
     """Horovod elastic (``hvdkit run`` only): hosts may come and go while the job trains."""
     opts = [
@@ -116,28 +132,31 @@ def _elastic_options(f):
 @click.option("--force", is_flag=True, help="with --resume: allow changing epochs, steps, eval or -np")
 @click.option("--launcher", type=click.Choice(["auto", "srun", "horovodrun"]), default="auto", show_default=True,
               help="auto: srun inside a Slurm allocation (SLURM_JOB_ID set), else horovodrun")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="when the job finishes, rank 0 writes its summary here as JSON (samples/s, steps, loss, "
+                   "val metrics, timing marks from process start to first step): for scripts and benchmarks")
 @_elastic_options
 @click.argument("overrides", nargs=-1)
-def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune, autotune_log,
-        fusion_threshold_mb, cycle_time_ms, ssh_port, ssh_identity_file, no_track, log_every, experiment, baseline,
-        resume, force, launcher, overrides, **elastic) -> None:
+def run(recipe, np_, framework, no_track, log_every, experiment, baseline, resume, force, launcher, summary_json,
+        overrides, **options) -> None:
     """Train RECIPE on NP ranks under horovodrun, or srun inside a Slurm allocation.
     OVERRIDES are key=value (e.g. optimizer.lr=0.1)."""
-    from hvdkit import _slurm as S
+    from hvdkit.launch import slurm as S
     from hvdkit import launch as L
     from hvdkit.core.job import JobFolder, new_job_id, resolve_resume, slurm_requeue_spec
     from hvdkit.errors import UsageError
     from hvdkit.recipe import load_recipe
 
+    elastic = {k: options.pop(k) for k in _ELASTIC_FIELDS}
     loaded = load_recipe(recipe, list(overrides), framework=framework)
     launcher = S.choose_launcher(launcher)
     # Inside an allocation the ranks' places come from it: srun's own, or -H for horovodrun when
     # the user gave no hosts (scontrol missing: one line, exit 2, before anything is decided).
     alloc = None
-    if S.in_allocation() and (launcher == "srun" or not (hosts or hostfile or any(elastic.values()))):
+    if S.in_allocation() and (launcher == "srun" or not (options["hosts"] or options["hostfile"] or any(elastic.values()))):
         alloc = S.allocation()
         if launcher == "horovodrun":
-            hosts = ",".join(f"{h}:{n}" for h, n in alloc.hosts)
+            options["hosts"] = ",".join(f"{h}:{n}" for h, n in alloc.hosts)
     default_np = alloc.ntasks if alloc else 1
     if not no_track:
         from hvdkit.tracking._uri import check_tracking_args
@@ -162,10 +181,7 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
         if launcher == "srun":
             S.layout(alloc, np_)  # -np larger than the allocation: refused before a job id is taken
         job = JobFolder.for_recipe(loaded.recipe.checkpoint.dir, new_job_id(loaded.recipe.checkpoint.dir))
-    opts = L.LaunchOptions(np=np_, hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
-                           autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
-                           cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file,
-                           track=not no_track)
+    opts = _launch_options_from(options, np=np_, track=not no_track)
     L.set_elastic(opts, **elastic)
     if launcher == "srun":
         S.check_srun_options(opts)
@@ -188,7 +204,10 @@ def run(recipe, np_, framework, hosts, hostfile, controller, timeline, autotune,
         train_args += ["--baseline", baseline]
     if spec:
         train_args += ["--resume", job.job_id, *(["--force"] if force else [])]
-    from hvdkit.scale import check_baseline, launch_job
+    if summary_json:
+        train_args += ["--summary-json", os.path.abspath(summary_json)]  # the ranks may start elsewhere
+    from hvdkit.launch.job import launch_job
+    from hvdkit.scale import check_baseline
 
     if baseline and not no_track:
         check_baseline(baseline, loaded.recipe.name)  # a typo costs one line and exit 2, not a job start
@@ -231,7 +250,7 @@ def sbatch(recipe, nodes, ntasks_per_node, partition, time_limit, job_name, outp
     recipe overrides."""
     from pathlib import Path
 
-    from hvdkit import _slurm as S
+    from hvdkit.launch import slurm as S
     from hvdkit.recipe import load_recipe
 
     options, overrides = S.split_extra(extra)
@@ -297,19 +316,14 @@ def _sweep_options(f):
 @click.option("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
 @click.option("--baseline", default=None, help="np=1 run id to divide by when 1 is not in --np")
 @click.argument("overrides", nargs=-1)
-def scale(recipe, np_list, framework, hosts, hostfile, controller, timeline, autotune, autotune_log,
-          fusion_threshold_mb, cycle_time_ms, ssh_port, ssh_identity_file, log_every, experiment, tracking_uri,
-          baseline, overrides) -> None:
+def scale(recipe, np_list, framework, log_every, experiment, tracking_uri, baseline, overrides, **options) -> None:
     """Scaling sweep: train RECIPE at each rank count, log scaling efficiency on a sweep run."""
-    from hvdkit import launch as L
     from hvdkit.recipe import load_recipe
     from hvdkit.scale import parse_np_list, print_table, run_sweep
 
     nps = parse_np_list(np_list)
     loaded = load_recipe(recipe, list(overrides), framework=framework)
-    opts = L.LaunchOptions(hosts=hosts, hostfile=hostfile, controller=controller, timeline=timeline,
-                           autotune=autotune, autotune_log=autotune_log, fusion_threshold_mb=fusion_threshold_mb,
-                           cycle_time_ms=cycle_time_ms, ssh_port=ssh_port, ssh_identity_file=ssh_identity_file)
+    opts = _launch_options_from(options)
     res = run_sweep(loaded, opts, nps, list(overrides), log_every=log_every, experiment=experiment,
                     tracking_uri=tracking_uri, baseline=baseline, echo=lambda m: click.echo(m))
     print_table(res.rows, f"hvdkit scale · {loaded.recipe.name} · {loaded.recipe.framework} · sweep {res.sweep_run_id}")
@@ -331,7 +345,6 @@ def bench_cmd(name, quick, reps, full) -> None:
     DDP, tracking writer throughput, launch overhead, a tracking-server outage; ``all`` is every
     one but the outage): JSON lines on stdout, then a table.
     Same as ``python -m bench NAME``; docs/benchmarks.md has the latest numbers."""
-    import os
     import subprocess
     from pathlib import Path
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from packaging.version import Version
 
-from hvdkit.build import _env
+from hvdkit.build import env as build_env
 from hvdkit.build._horovod import SUPPORTED_HOROVOD
 
 
@@ -30,10 +30,10 @@ def _mark(flag: bool) -> str:
 
 def diagnose() -> Report:
     r = Report()
-    versions = {fw: _env.framework_version(fw) for fw in _env.FRAMEWORKS}
-    keras = _env.dist_version("keras")
-    mlflow_v = _env.dist_version("mlflow")
-    horovod_v = _env.dist_version("horovod")
+    versions = {fw: build_env.framework_version(fw) for fw in build_env.FRAMEWORKS}
+    keras = build_env.dist_version("keras")
+    mlflow_v = build_env.dist_version("mlflow")
+    horovod_v = build_env.dist_version("horovod")
     r.lines += [
         "Versions",
         f"  python      {platform.python_version()}  ({sys.executable})",
@@ -51,12 +51,12 @@ def diagnose() -> Report:
     elif horovod_v not in SUPPORTED_HOROVOD:
         r.notes.append(f"Horovod {horovod_v} was not built by hvdkit (it patches {', '.join(SUPPORTED_HOROVOD)}) — fix: hvdkit build-horovod")
 
-    build = _env.installed_build() or {}
+    build = build_env.installed_build() or {}
     built_for = build.get("frameworks", {})
-    probe = _env.probe_horovod(installed) if horovod_v and installed else {}
+    probe = build_env.probe_horovod(installed) if horovod_v and installed else {}
     ops = {k: False for k in ("gloo", "mpi", "nccl", "ddl", "ccl", "cuda", "rocm")}
     r.lines.append("Horovod frameworks")
-    for fw in _env.FRAMEWORKS:
+    for fw in build_env.FRAMEWORKS:
         p = probe.get(fw, {})
         detail = "" if p.get("ok") else (f"  ({p['error']})" if p.get("error") else "")
         r.lines.append(f"  {_mark(bool(p.get('ok')))} {fw}{detail}")
@@ -81,7 +81,7 @@ def diagnose() -> Report:
                 (("nccl", "NCCL"), ("ddl", "DDL"), ("ccl", "CCL"), ("mpi", "MPI"), ("gloo", "Gloo"), ("cuda", "CUDA"), ("rocm", "ROCm"))]
     if probe and any(p.get("ok") for p in probe.values()) and not (ops["gloo"] or ops["mpi"]):
         r.problems.append("Horovod has neither the Gloo nor the MPI controller — fix: hvdkit build-horovod --force")
-    if ops["mpi"] and not _env.find_mpi()["mpirun"]:
+    if ops["mpi"] and not build_env.find_mpi()["mpirun"]:
         r.problems.append("Horovod was built with MPI but mpirun is not on PATH — fix: apt-get install openmpi-bin")
 
     from hvdkit.tracking._credentials import mask_uri
@@ -100,7 +100,7 @@ def diagnose() -> Report:
     if hasattr(os, "geteuid") and os.geteuid() == 0 and ops["mpi"] and not os.environ.get("OMPI_ALLOW_RUN_AS_ROOT"):
         r.notes.append("running as root: Open MPI refuses without OMPI_ALLOW_RUN_AS_ROOT=1 and "
                        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (hvdkit run sets them for you)")
-    _, cmake_v = _env.cmake_version()
+    _, cmake_v = build_env.cmake_version()
     if cmake_v and Version(cmake_v) >= Version("4") and not os.environ.get("CMAKE_POLICY_VERSION_MINIMUM"):
         r.notes.append(f"cmake {cmake_v} rejects Gloo's old cmake_minimum_required (hvdkit build-horovod sets CMAKE_POLICY_VERSION_MINIMUM=3.5)")
     return r

@@ -1,13 +1,7 @@
-"""Launching tracked jobs, and ``hvdkit scale``: a sweep over rank counts with scaling efficiency.
+"""``hvdkit scale``: a sweep over rank counts with scaling efficiency.
 
-Two pieces:
-
-* :func:`launch_job` runs one horovodrun job under a job id of the launcher's choosing (passed to
-  rank 0 as ``$HVDKIT_JOB_ID``) and, when the job did not succeed, settles the status of its runs
-  by that id. Only the launcher knows how a job ended: when one rank raises, horovodrun SIGTERMs
-  the others, so rank 0 records KILLED although the job FAILED; and a rank SIGKILLed after
-  horovodrun's 5 s grace period records nothing at all and leaves its runs RUNNING.
-* :func:`run_sweep` runs the same recipe at each N of a list, nests every job under one *sweep*
+Each job is launched by :func:`hvdkit.launch.job.launch_job`, like ``hvdkit run``'s.
+:func:`run_sweep` runs the same recipe at each N of a list, nests every job under one *sweep*
   run (``hvdkit.role=sweep``), reads each job's measured throughput T(N) back from the store and
   logs ``scaling_efficiency`` E(N) = T(N) / (N * T(1)) on the sweep run (step = N) and on each job.
 
@@ -25,96 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hvdkit._ids import experiment_name
+from hvdkit._ids import experiment_name, new_job_id
 from hvdkit.errors import LaunchError, TrackingError, UsageError
-from hvdkit.launch import run_forwarding
-from hvdkit.core.job import JobFolder, new_job_id
+from hvdkit.core.job import JobFolder
+from hvdkit.launch.job import JobOutcome, launch_job
 from hvdkit.tracking import keys
 from hvdkit.tracking._resume import job_runs
 
-# How long the launcher waits on the store to settle a job's status before giving up (a dead
-# store must not keep a finished job's launcher alive).
-SETTLE_TIMEOUT_S = 30.0
 TAG_SWEEP_NP = "hvdkit.sweep_np"  # the sweep's rank counts, e.g. "1,2,4" (sweep run)
-
-
-# -- one job ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JobOutcome:
-    rc: int  # horovodrun's exit code
-    job_id: str
-    signal: int | None = None  # the signal the launcher received (and forwarded), if any
-    status: str = "FINISHED"  # how the job ended: FINISHED, FAILED or KILLED
-    settled: tuple[str, ...] = ()  # run ids whose status the launcher corrected
-
-
-def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
-    """``fn()`` on a daemon thread; None if it takes longer than ``timeout`` (MLflow's HTTP client
-    retries a dead server for minutes) or raises."""
-    box: list[Any] = []
-
-    def target() -> None:
-        try:
-            box.append(fn())
-        except Exception as exc:  # noqa: BLE001 - reported below, never fatal to the launcher
-            box.append(exc)
-
-    t = threading.Thread(target=target, name="hvdkit-settle", daemon=True)
-    t.start()
-    t.join(timeout)
-    if not box:
-        print(f"hvdkit: the MLflow store did not answer within {timeout:.0f}s; run statuses left as recorded",
-              file=sys.stderr, flush=True)
-        return None
-    if isinstance(box[0], Exception):
-        print(f"hvdkit: could not settle run statuses ({box[0]})", file=sys.stderr, flush=True)
-        return None
-    return box[0]
-
-
-def settle_job_status(job_id: str, status: str, *, experiment: str | None = None, tracking_uri: str | None = None,
-                      timeout: float = SETTLE_TIMEOUT_S) -> tuple[str, ...]:
-    """Give the runs of job ``job_id`` the status the launcher observed. Only RUNNING runs (rank 0
-    never ended them) and, for FAILED, KILLED runs (rank 0 was SIGTERMed because a peer failed)
-    change; a run already FAILED or FINISHED keeps what rank 0 recorded. Returns the run ids changed."""
-    from mlflow import MlflowClient
-
-    from hvdkit.tracking._uri import resolve_tracking_uri
-
-    movable = {"RUNNING", "SCHEDULED"} | ({"KILLED"} if status == "FAILED" else set())
-
-    def settle() -> tuple[str, ...]:
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-        changed = []
-        now = int(time.time() * 1000)
-        for run in job_runs(client, experiment_name(experiment), job_id):
-            if run.info.status in movable:
-                client.set_terminated(run.info.run_id, status, end_time=run.info.end_time or now)
-                changed.append(run.info.run_id)
-        return tuple(changed)
-
-    return _with_timeout(settle, timeout) or ()
-
-
-def launch_job(cmd: Sequence[str], env: dict[str, str], *, track: bool = True, experiment: str | None = None,
-               tracking_uri: str | None = None, job_id: str | None = None, job: JobFolder | None = None) -> JobOutcome:
-    """Run one horovodrun job (``cmd``) as job ``job_id`` (or ``job``'s) and settle its runs'
-    status, and its folder's manifest, afterwards."""
-    job_id = job.job_id if job is not None else job_id or new_job_id()
-    env = dict(env)
-    env[keys.ENV_JOB_ID] = job_id
-    rc, sig = run_forwarding(cmd, env)
-    # A signal decides: horovodrun can exit 0 after a Ctrl-C (see run_forwarding).
-    status = "KILLED" if sig is not None else "FINISHED" if rc == 0 else "FAILED"
-    settled: tuple[str, ...] = ()
-    if job is not None and status != "FINISHED":
-        job.settle(status)
-    if track and status != "FINISHED":
-        settled = settle_job_status(job_id, status, experiment=experiment, tracking_uri=tracking_uri)
-        if settled:
-            print(f"hvdkit: job {job_id} {status} (horovodrun exited with {rc}): "
-                  f"{len(settled)} run(s) marked {status}", file=sys.stderr, flush=True)
-    return JobOutcome(rc=rc, job_id=job_id, signal=sig, status=status, settled=settled)
 
 
 def check_baseline(run_id: str, recipe_name: str, *, tracking_uri: str | None = None, timeout: float = 15.0) -> None:
@@ -319,7 +231,7 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
             result.rows.append(row)
             if out.status != "FINISHED":
                 result.status = out.status
-                result.message = f"job np={n} {out.status} (horovodrun exited with {out.rc})"
+                result.message = f"job np={n} {out.status} (launcher exit code {out.rc})"
                 break
             parent = _job_parent(client, exp_name, out.job_id)
             row.run_id = parent.info.run_id if parent is not None else None
@@ -370,5 +282,4 @@ __all__ = [
     "parse_np_list",
     "print_table",
     "run_sweep",
-    "settle_job_status",
 ]

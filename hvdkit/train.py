@@ -1,7 +1,7 @@
 """The per-rank process: ``horovodrun -np N python -m hvdkit.train RECIPE [options] [key=value ...]``.
 
 ``hvdkit run`` starts exactly this under horovodrun, or under ``srun --mpi=pmix`` inside a Slurm
-allocation (hvdkit._slurm), so a plain horovodrun or srun line behaves the same.
+allocation (hvdkit.launch.slurm), so a plain horovodrun or srun line behaves the same.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ def _stop_handler(rank: int):
 
 # Set by benchmarks (bench/): rank 0 writes the Summary and wall-clock marks of the run's phases
 # there as JSON, so throughput and time to first step are read exactly, not parsed from a table.
-ENV_SUMMARY_JSON = "HVDKIT_SUMMARY_JSON"
 _T_IMPORT = time.time()  # this module imported: the interpreter is up, no framework loaded yet
 
 
@@ -140,11 +139,11 @@ class UsageErrorFromRankZero(HvdkitError):
 
 
 def _params(recipe) -> dict:
-    from hvdkit.build import _env
+    from hvdkit.build import env as build_env
 
     knobs = {k: os.environ[k] for k in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "HOROVOD_AUTOTUNE",
                                         "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS", "HOROVOD_TIMELINE") if k in os.environ}
-    versions = {f"version.{n}": _env.dist_version(d) or "none" for n, d in
+    versions = {f"version.{n}": build_env.dist_version(d) or "none" for n, d in
                 (("hvdkit", "hvdkit"), ("horovod", "horovod"), ("mlflow", "mlflow"), ("torch", "torch"),
                  ("tensorflow", "tensorflow-cpu"), ("keras", "keras"))}
     return {"recipe": recipe.model_dump(mode="json"), "horovod_env": knobs, **versions}
@@ -160,8 +159,11 @@ def _params(recipe) -> dict:
 @click.option("--parent-run-id", default=None)
 @click.option("--resume", "resume", default=None, help="continue job JOB_ID | RUN_ID | last")
 @click.option("--force", is_flag=True, help="with --resume: allow changing epochs/steps/eval/np")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="rank 0 writes its summary here as JSON when the job finishes (see hvdkit run --help)")
 @click.argument("overrides", nargs=-1)
-def main(recipe_path, framework, no_track, log_every, experiment, baseline, parent_run_id, resume, force, overrides) -> None:
+def main(recipe_path, framework, no_track, log_every, experiment, baseline, parent_run_id, resume, force, summary_json,
+         overrides) -> None:
     from hvdkit.recipe import load_recipe
 
     try:
@@ -171,7 +173,8 @@ def main(recipe_path, framework, no_track, log_every, experiment, baseline, pare
         sys.exit(exc.exit_code)
     try:
         rc = train(loaded, no_track=no_track, log_every=log_every, experiment=experiment,
-                   baseline=baseline, parent_run_id=parent_run_id, resume=resume, force=force)
+                   baseline=baseline, parent_run_id=parent_run_id, resume=resume, force=force,
+                   summary_json=summary_json)
     except HvdkitError as exc:  # e.g. an unknown --baseline, raised on every rank by tracker.start
         click.echo(f"hvdkit.train: error: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
@@ -238,12 +241,11 @@ def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish
 
 
 def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None,
-          resume=None, force=False) -> int:
+          resume=None, force=False, summary_json=None) -> int:
     from hvdkit.core import load_builtin, print_summary, run_training
     from hvdkit.tracking import World, open_job_tracker, rank_zero
 
     recipe = loaded.recipe
-    summary_json = os.environ.get(ENV_SUMMARY_JSON)
     marks = {"module_imported": _T_IMPORT}
     try:
         import psutil

@@ -58,11 +58,12 @@ def test_build_horovod_without_cmake(tmp_path):
 
 def test_build_horovod_without_any_framework(monkeypatch):
     """Pure logic (a venv without torch and TF would cost minutes to make): the check before building."""
-    from hvdkit.build import BuildPlan, _env
+    from hvdkit.build import BuildPlan
+    from hvdkit.build import env as build_env
     from hvdkit.build._horovod import resolve
     from hvdkit.errors import BuildError
 
-    monkeypatch.setattr(_env, "framework_version", lambda fw: None)
+    monkeypatch.setattr(build_env, "framework_version", lambda fw: None)
     with pytest.raises(BuildError, match="no deep-learning framework is installed") as exc:
         resolve(BuildPlan())
     assert "hvdkit[torch]" in str(exc.value)
@@ -92,11 +93,11 @@ def test_build_horovod_with_corrupted_cached_wheel(tmp_path):
 def test_framework_not_built_into_horovod(monkeypatch):
     """Pure logic (a Horovod built without TF costs a rebuild): the launcher's check and its message."""
     from hvdkit import launch
-    from hvdkit.build import _env
+    from hvdkit.build import env as build_env
     from hvdkit.errors import LaunchError
 
-    monkeypatch.setattr(_env, "installed_build", lambda: None)
-    monkeypatch.setattr(_env, "probe_horovod", lambda fws: {fw: {"ok": False, "error": "ImportError: no mpi_lib"} for fw in fws})
+    monkeypatch.setattr(build_env, "installed_build", lambda: None)
+    monkeypatch.setattr(build_env, "probe_horovod", lambda fws: {fw: {"ok": False, "error": "ImportError: no mpi_lib"} for fw in fws})
     with pytest.raises(LaunchError) as exc:
         launch.check_framework_built("tensorflow")
     assert exc.value.exit_code == 2

@@ -110,10 +110,10 @@ class Job:
         recipe = write_paced_recipe(tmp / "paced.py", name="paced", steps=steps, log_every=LOG_EVERY, step_s=STEP_S)
         self.summary = tmp / "summary.json"
         self.out, self.err = tmp / "job.out", tmp / "job.err"
-        env = _job_env(srv, HVDKIT_SUMMARY_JSON=str(self.summary))
+        env = _job_env(srv)
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen([str(BIN / "hvdkit"), "run", str(recipe), "-np", "2", "--framework", "torch",
-                                          "--experiment", experiment], cwd=tmp, env=env, stdout=out, stderr=err)
+                                          "--experiment", experiment, "--summary-json", str(self.summary)], cwd=tmp, env=env, stdout=out, stderr=err)
         self.ended: float | None = None  # wall-clock time the process was seen gone
 
     def running(self) -> bool:

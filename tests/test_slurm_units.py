@@ -67,13 +67,13 @@ def _slurm_env(tmp_path: Path, fake: Path, *, path_rest: str | None = None, **ex
 
 @pytest.mark.parametrize("spec, counts", [("2(x3),1", [2, 2, 2, 1]), ("4", [4]), ("1(x2)", [1, 1]), ("3,2(x2)", [3, 2, 2])])
 def test_tasks_per_node_forms(spec, counts):
-    from hvdkit._slurm import parse_tasks_per_node
+    from hvdkit.launch.slurm import parse_tasks_per_node
 
     assert parse_tasks_per_node(spec) == counts
 
 
 def test_tasks_per_node_garbage_is_one_line():
-    from hvdkit._slurm import parse_tasks_per_node
+    from hvdkit.launch.slurm import parse_tasks_per_node
     from hvdkit.errors import LaunchError
 
     with pytest.raises(LaunchError) as exc:
@@ -82,7 +82,7 @@ def test_tasks_per_node_garbage_is_one_line():
 
 
 def test_allocation_from_env_and_scontrol(tmp_path):
-    from hvdkit._slurm import allocation
+    from hvdkit.launch.slurm import allocation
 
     fake = _fake_bin(tmp_path, scontrol=FAKE_SCONTROL)
     env = _slurm_env(tmp_path, fake, SLURM_JOB_NODELIST="gpu[01-03],cpu7", SLURM_TASKS_PER_NODE="2(x3),1",
@@ -95,7 +95,7 @@ def test_allocation_from_env_and_scontrol(tmp_path):
 
 
 def test_allocation_node_count_mismatch(tmp_path):
-    from hvdkit._slurm import allocation
+    from hvdkit.launch.slurm import allocation
     from hvdkit.errors import LaunchError
 
     fake = _fake_bin(tmp_path, scontrol=FAKE_SCONTROL)
@@ -104,7 +104,7 @@ def test_allocation_node_count_mismatch(tmp_path):
 
 
 def test_no_scontrol_is_one_line(tmp_path):
-    from hvdkit._slurm import allocation
+    from hvdkit.launch.slurm import allocation
     from hvdkit.errors import LaunchError
 
     empty = _fake_bin(tmp_path)
@@ -114,7 +114,7 @@ def test_no_scontrol_is_one_line(tmp_path):
 
 
 def test_launcher_choice():
-    from hvdkit._slurm import choose_launcher
+    from hvdkit.launch.slurm import choose_launcher
     from hvdkit.errors import LaunchError
 
     assert choose_launcher("auto", {"SLURM_JOB_ID": "1"}) == "srun"
@@ -127,14 +127,14 @@ def test_launcher_choice():
 # -- the srun line -----------------------------------------------------------------------------
 
 def _alloc():
-    from hvdkit._slurm import Allocation
+    from hvdkit.launch.slurm import Allocation
 
     return Allocation(job_id="4242", nodes=("n1", "n2"), tasks_per_node=(2, 2), ntasks=4, nodelist="n[1-2]")
 
 
 def test_srun_command_whole_and_part_of_the_allocation(tmp_path, monkeypatch):
     from hvdkit import launch
-    from hvdkit._slurm import layout, srun_command
+    from hvdkit.launch.slurm import layout, srun_command
     from hvdkit.recipe import load_recipe
 
     fake = _fake_bin(tmp_path, srun=FAKE_SRUN)
@@ -154,7 +154,7 @@ def test_srun_command_whole_and_part_of_the_allocation(tmp_path, monkeypatch):
 
 
 def test_np_larger_than_the_allocation():
-    from hvdkit._slurm import layout
+    from hvdkit.launch.slurm import layout
     from hvdkit.errors import LaunchError
 
     with pytest.raises(LaunchError) as exc:
@@ -165,7 +165,7 @@ def test_np_larger_than_the_allocation():
 
 def test_srun_env_knobs_and_secrets(monkeypatch):
     from hvdkit import launch
-    from hvdkit._slurm import srun_env
+    from hvdkit.launch.slurm import srun_env
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")

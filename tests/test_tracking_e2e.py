@@ -326,7 +326,7 @@ def test_sigint_to_hvdkit_run_ends_every_run_killed(tmp_path):
 
 
 def test_settle_job_status_moves_only_unfinished_runs(tmp_path):
-    from hvdkit.scale import settle_job_status
+    from hvdkit.launch.job import settle_job_status
 
     uri = sqlite_store(tmp_path)
     client = MlflowClient(tracking_uri=uri)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from hvdkit._files import atomic_write_json
-from hvdkit.build import _env
+from hvdkit.build import env as _env  # the probes (public: hvdkit.build.env)
 from hvdkit.build._cache import BuildKey, CachedWheel, WheelCache, cache_root
 from hvdkit.build._patches import PATCHES, apply_patches
 from hvdkit.errors import BuildError, CacheError, UsageError

@@ -23,7 +23,7 @@ _MPI = (
     ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),
 )
 
-# A task of `srun --mpi=pmix` (hvdkit run inside a Slurm allocation, hvdkit._slurm): PMIx puts
+# A task of `srun --mpi=pmix` (hvdkit run inside a Slurm allocation, hvdkit.launch.slurm): PMIx puts
 # only PMIX_RANK in the environment, Slurm the rest. Local size is not a variable of its own: it
 # is this node's entry of SLURM_STEP_TASKS_PER_NODE (see _slurm_local_size).
 _SLURM = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE")
@@ -64,7 +64,7 @@ def _is_slurm_task(env) -> bool:
 
 def _slurm_local_size(env) -> str:
     """This node's task count: entry SLURM_NODEID of SLURM_STEP_TASKS_PER_NODE ("2(x3),1"; the
-    same grammar hvdkit._slurm.parse_tasks_per_node reads, which sits in a layer above this one)."""
+    same grammar hvdkit.launch.slurm.parse_tasks_per_node reads, which sits in a layer above this one)."""
     counts: list[str] = []
     for part in filter(None, env.get("SLURM_STEP_TASKS_PER_NODE", "").split(",")):
         n, _, times = part.partition("(x")

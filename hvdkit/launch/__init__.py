@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hvdkit.build import _env
+from hvdkit.build import env as build_env
 from hvdkit.errors import LaunchError
 from hvdkit.tracking import _credentials
 
@@ -163,14 +163,14 @@ def resolve_hosts(opts: LaunchOptions) -> list[tuple[str, int]]:
 
 def check_framework_built(framework: str) -> None:
     """Is ``horovod.<framework>`` available? Fast path: hvdkit's build marker; else import it in a subprocess."""
-    if not _env.framework_version(framework):
-        raise LaunchError(f"framework {framework!r} is not installed", fix=_env.INSTALL_HINT[framework])
-    if not _env.dist_version("horovod"):
+    if not build_env.framework_version(framework):
+        raise LaunchError(f"framework {framework!r} is not installed", fix=build_env.INSTALL_HINT[framework])
+    if not build_env.dist_version("horovod"):
         raise LaunchError("Horovod is not installed", fix="hvdkit build-horovod")
-    build = _env.installed_build()
-    if build and build.get("frameworks", {}).get(framework) == _env.framework_version(framework):
+    build = build_env.installed_build()
+    if build and build.get("frameworks", {}).get(framework) == build_env.framework_version(framework):
         return
-    probe = _env.probe_horovod([framework])[framework]
+    probe = build_env.probe_horovod([framework])[framework]
     if not probe.get("ok"):
         raise LaunchError(f"Horovod is not built with {framework} ({probe.get('error')})",
                           fix=f"hvdkit build-horovod --frameworks {framework}  (`hvdkit doctor` explains)")
@@ -239,7 +239,7 @@ def spans_hosts(opts: LaunchOptions, hosts: list[tuple[str, int]] | None = None)
 
 
 def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: list[str], overrides: list[str]) -> list[str]:
-    if not _env.dist_version("horovod"):
+    if not build_env.dist_version("horovod"):
         raise LaunchError("Horovod is not installed in this environment", fix="hvdkit build-horovod")
     # horovodrun's own command line, minus its seconds-long framework probe (see hvdkit._horovodrun)
     cmd = [sys.executable, "-m", "hvdkit._horovodrun", "-np", str(opts.np)]
@@ -270,7 +270,7 @@ def horovodrun_command(loaded: LoadedRecipe, opts: LaunchOptions, train_args: li
 
 
 def train_command(loaded: LoadedRecipe, train_args: list[str], overrides: list[str]) -> list[str]:
-    """Each rank's command, whichever launcher starts it (horovodrun here, srun in hvdkit._slurm)."""
+    """Each rank's command, whichever launcher starts it (horovodrun here, srun in hvdkit.launch.slurm)."""
     spec = loaded.recipe.python or str(loaded.source)
     return [sys.executable, "-m", "hvdkit.train", spec, "--framework", loaded.recipe.framework, *train_args, *overrides]
 

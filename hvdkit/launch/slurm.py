@@ -165,9 +165,9 @@ def check_srun_options(opts: LaunchOptions) -> None:
 
 def check_mpi_built() -> None:
     """srun-started ranks need Horovod's MPI controller (there is no Gloo rendezvous without horovodrun)."""
-    from hvdkit.build import _env
+    from hvdkit.build import env as build_env
 
-    build = _env.installed_build() or {}
+    build = build_env.installed_build() or {}
     controllers = build.get("controllers")
     if controllers and not controllers.get("mpi"):
         raise LaunchError("Horovod is built without MPI, which ranks started by srun need",
