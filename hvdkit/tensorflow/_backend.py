@@ -27,6 +27,20 @@ from hvdkit.tensorflow import _models, _optimizer  # noqa: E402
 _EVAL_BATCH = 512  # bounds evaluation memory on large validation shards
 
 
+def accelerator_name(local_rank: int = 0) -> str | None:
+    """The name of the GPU this rank sees (``device_name`` from
+    ``tf.config.experimental.get_device_details``; the ``local_rank``-th when several are
+    visible), or None when TensorFlow sees no GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    try:
+        details = tf.config.experimental.get_device_details(gpus[local_rank % len(gpus)])
+    except (ValueError, RuntimeError):  # details unavailable for this device
+        return None
+    return details.get("device_name") or None
+
+
 def sparse_ce(labels, logits):
     """Cross-entropy from logits, mean over the batch (torch's CrossEntropyLoss)."""
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
@@ -40,6 +54,8 @@ class TensorFlowBackend:
         apply_horovod_knobs(recipe)  # the recipe's cycle time / fusion threshold, unless set
         hvd.init()  # joins the job horovodrun started (Gloo or MPI)
         self.rank, self.size = hvd.rank(), hvd.size()
+        # The GPU this rank sees (its name), or None on the CPU: reported to tracking.
+        self.accelerator: str | None = accelerator_name(hvd.local_rank())
         keras.utils.set_random_seed(recipe.seed)
         self.recipe, self.data = recipe, data
         # Arrays stay numpy (channel-last already); a batch is one fancy index + one conversion.

@@ -4,7 +4,8 @@ Upstream ``horovod.tensorflow.keras`` fails on Keras 3 variables; these are the 
 rewritten on the core collectives that do work:
 
 * :func:`DistributedKerasOptimizer` — a Keras optimizer whose ``apply``/``apply_gradients``
-  averages the gradients over the ranks with one ``hvd.grouped_allreduce`` first. It runs inside
+  averages the gradients over the ranks first, with the custom loop's
+  :class:`~hvdkit.tensorflow._optimizer.GradientAveraging` (one ``hvd.grouped_allreduce``). It runs inside
   Keras' compiled ``train_step`` (TF backend; compile with ``jit_compile=False``).
 * :class:`BroadcastGlobalVariablesCallback` — rank 0's model and optimizer state to every rank
   before the first step.
@@ -36,10 +37,9 @@ tf, hvd = require("tensorflow")
 import keras  # noqa: E402
 
 from hvdkit.tensorflow._optimizer import (  # noqa: E402
-    average_gradients,
+    GradientAveraging,
     broadcast_variables,
     dense_gradients,
-    get_compression,
 )
 
 
@@ -47,9 +47,8 @@ from hvdkit.tensorflow._optimizer import (  # noqa: E402
 class _DistributedMixin:
     """Placed before a Keras optimizer class in the MRO; see :func:`DistributedKerasOptimizer`."""
 
-    _hvd_compression: Any = None
+    _hvd_averaging: GradientAveraging = GradientAveraging()  # DistributedKerasOptimizer sets its own
     _hvd_passes: int = 1
-    _hvd_weight_decay: float = 0.0
 
     def build(self, variables):
         super().build(variables)
@@ -60,9 +59,7 @@ class _DistributedMixin:
             self._hvd_count = self.add_variable((), dtype="int64", initializer="zeros", name="hvd_count")
 
     def _hvd_apply_averaged(self, grads, variables):
-        grads = average_gradients(grads, self._hvd_compression)  # the one collective of the step
-        if self._hvd_weight_decay:
-            grads = [g + self._hvd_weight_decay * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+        grads = self._hvd_averaging(grads, variables)  # the one collective of the step, then the decay
         return super().apply(grads, variables)
 
     def apply(self, grads, trainable_variables=None):
@@ -118,9 +115,8 @@ def DistributedKerasOptimizer(
     if cls is None:
         cls = _CLASSES[base] = type(f"Distributed{base.__name__}", (_DistributedMixin, base), {"__module__": __name__})
     dist = cls.from_config(optimizer.get_config())
-    dist._hvd_compression = get_compression(compression)
+    dist._hvd_averaging = GradientAveraging(compression, weight_decay)
     dist._hvd_passes = int(backward_passes_per_step)
-    dist._hvd_weight_decay = float(weight_decay)
     return dist
 
 

@@ -4,7 +4,7 @@ Upstream ``horovod.tensorflow.keras`` and ``hvd.DistributedGradientTape`` do not
 variables, but ``hvd.grouped_allreduce`` does. :class:`DistributedOptimizer` wraps a Keras 3
 optimizer for hvdkit's own loop: each step computes the local gradient (k micro-batches when
 ``backward_passes_per_step`` = k, accumulated locally), averages it over the ranks with ONE grouped
-allreduce, and applies it. Compute and apply are compiled ``tf.function``s; the allreduce is a
+allreduce, and applies it (:class:`GradientAveraging`, which ``model.fit`` shares). Compute and apply are compiled ``tf.function``s; the allreduce is a
 separate call, timed on the host, so ``comm_wait`` is the time spent blocked on the collective
 (plus the fp16 casts when compressing) and nothing else.
 """
@@ -108,6 +108,38 @@ def average_gradients(grads: Sequence[Any], compression: Any = None) -> list:
     return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=compression or hvd.Compression.none)
 
 
+class GradientAveraging:
+    """The one way hvdkit's TensorFlow layer averages gradients over the ranks, used by the custom
+    loop (:class:`DistributedOptimizer`) and by ``model.fit`` (``DistributedKerasOptimizer``):
+
+    1. :func:`dense_gradients` — the same tensor list on every rank (None → zeros, sparse → dense);
+    2. :meth:`allreduce` — g = (1/p) Σ g_i, one ``hvd.grouped_allreduce`` (``compression``: "none"
+       | "fp16" | an ``hvd.Compression``);
+    3. :meth:`add_weight_decay` — torch's coupled L2 after averaging, g ← g + λθ (λ = 0: none).
+
+    Calling it does all three. The custom loop calls the phases itself: the allreduce eagerly
+    (timed as comm wait), the decay inside its compiled apply step.
+    """
+
+    def __init__(self, compression: str | Any = "none", weight_decay: float = 0.0) -> None:
+        self.compression = get_compression(compression)
+        self.weight_decay = float(weight_decay)
+
+    def allreduce(self, grads: Sequence[Any]) -> list:
+        """(1/p) Σ_i g_i for each tensor of ``grads`` (dense, the same list on every rank)."""
+        return average_gradients(grads, self.compression)
+
+    def add_weight_decay(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
+        """g + λθ for each gradient and its variable; ``grads`` unchanged when λ = 0."""
+        if not self.weight_decay:
+            return list(grads)
+        return [g + self.weight_decay * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+
+    def __call__(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
+        """The averaged (and decayed) gradients for ``variables``: one collective, every rank must call."""
+        return self.add_weight_decay(self.allreduce(dense_gradients(grads, variables)), variables)
+
+
 def tf_variables(variables: Sequence[Any]) -> list:
     """The ``tf.Variable`` under each Keras 3 variable (Horovod's helpers need ``tf.Variable``)."""
     return [v.value if isinstance(v, keras.Variable) else v for v in variables]
@@ -143,9 +175,10 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.compression = get_compression(compression)
+        self.averaging = GradientAveraging(compression, weight_decay)
+        self.compression = self.averaging.compression
         self.passes = int(backward_passes_per_step)
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = self.averaging.weight_decay
         self._lr: float | None = None
         self._compute = tf.function(self._compute_gradients, reduce_retracing=True)
         # The collective runs eagerly: one HorovodGroupedAllreduce op, measured to return sooner
@@ -187,13 +220,11 @@ class DistributedOptimizer:
         return total, acc
 
     def _allreduce(self, grads):
-        return average_gradients(grads, self.compression)
+        return self.averaging.allreduce(grads)  # dense already: _compute_gradients made them so
 
     def _apply_gradients(self, grads):
         variables = self.model.trainable_variables
-        if self.weight_decay:
-            grads = [g + self.weight_decay * v for g, v in zip(grads, variables)]
-        self.optimizer.apply(grads, variables)
+        self.optimizer.apply(self.averaging.add_weight_decay(grads, variables), variables)
 
     def step(self, x, y, lr: float | None = None) -> tuple[float, float]:
         """θ ← update(θ, (1/p) Σ_i g_i); returns (this rank's loss, seconds in the allreduce)."""
