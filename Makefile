@@ -20,7 +20,7 @@ EXTRAS ?= torch,tensorflow,dev
 TORCH_PIP_ARGS ?=
 TORCH_REQ := $(shell grep -o 'torch==[0-9.]*' pyproject.toml | head -1)
 
-.PHONY: setup system-deps horovod demo test bench lint clean
+.PHONY: setup system-deps horovod demo test test-mlflow-oldest bench lint clean
 .DEFAULT_GOAL := demo
 
 setup: system-deps $(STAMP) horovod
@@ -43,8 +43,34 @@ demo: setup
 	$(BIN)/hvdkit run recipes/digits.yaml -np 2 --framework torch
 	$(BIN)/hvdkit run recipes/digits.yaml -np 2 --framework tensorflow
 
+# `make test` runs the whole suite on the newest MLflow pyproject.toml admits (what pip picks for
+# .venv), then the tracking tests again on the oldest it admits, so the declared range is the
+# tested range. The second venv holds only MLflow (and what that version pins differently) and
+# sees the main venv's packages underneath it through a .pth file: torch, TensorFlow and Horovod
+# are not installed twice.
+MLFLOW_OLDEST := $(shell grep -o '"mlflow>=[0-9.]*' pyproject.toml | head -1 | cut -d= -f2)
+OLDEST_VENV ?= .venv-mlflow-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.hvdkit-installed
+TRACKING_TESTS ?= tests/test_tracking_*.py tests/test_autolog.py tests/test_server.py tests/test_resume.py tests/test_layers.py
+
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-mlflow-oldest
+
+$(OLDEST_STAMP): $(STAMP)
+	@test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+	  > "$$($(OLDEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hvdkit_main_venv.pth"
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip wheel setuptools
+	$(OLDEST_VENV)/bin/python -m pip install -q 'mlflow[auth]==$(MLFLOW_OLDEST)'
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+test-mlflow-oldest: setup $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/hvdkit build-horovod  # the cached wheel and its marker in this venv (horovodrun)
+	$(OLDEST_VENV)/bin/python -c 'import mlflow; from packaging.version import Version as V; \
+	  assert V(mlflow.__version__) == V("$(MLFLOW_OLDEST)"), mlflow.__version__; print("tracking tests on MLflow", mlflow.__version__)'
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(TRACKING_TESTS)
 
 # Benchmarks (JSON lines + a table; ratios measured side by side): see docs/benchmarks.md.
 bench: setup
@@ -54,4 +80,4 @@ lint: $(STAMP)
 	$(BIN)/hadolint docker/Dockerfile.*
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache

@@ -14,6 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def pytest_report_header(config) -> str:
+    # which end of pyproject's MLflow range this run tests (make test: the newest, then the oldest)
+    from importlib.metadata import version
+
+    return f"hvdkit: MLflow {version('mlflow')} ({BIN.parent.name})"
+
+
 def worker_env(**extra: str) -> dict[str, str]:
     """The environment of a job the tests start: the benchmarks' (this venv first on PATH, the
     checkout importable, root allowed for Open MPI, no HOROVOD_* / MLflow store leaking in from
