@@ -40,7 +40,7 @@ BENCH = "writer"
 
 class _Interval:
     """One gather's events for the child runs (expanded on the spool thread, like
-    hvdkit.tracking._job._ChildRows) and the parent."""
+    hvdkit.tracking._events.ChildRows) and the parent."""
 
     __slots__ = ("children", "keys", "step", "ts")
 

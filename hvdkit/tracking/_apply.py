@@ -9,6 +9,9 @@
 Consecutive ``log_batch`` events of one run are merged and cut into MLflow-sized requests: a
 ``log_batch`` call costs a round trip (or a sqlite transaction) whatever its size, so fewer,
 fuller calls are what lets 512 ranks' metrics keep up.
+
+Only MLflow's public ``MlflowClient`` writes (``create_run``, ``log_batch``, ``set_terminated``...);
+a sqlite store may opt in to the bulk metric insert of ``_sqlfast`` (off by default).
 """
 
 from __future__ import annotations
@@ -22,13 +25,9 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import (
-    MAX_ENTITIES_PER_BATCH,
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-)
 
-from hvdkit.tracking import keys
+from hvdkit.tracking import _sqlfast, keys
+from hvdkit.tracking._mlflow_private import batch_limits
 from hvdkit.tracking._spool import Event, Spool, TargetState
 from hvdkit.tracking._sqlfast import SqliteBulkMetrics
 
@@ -69,19 +68,20 @@ def _chunks(p: _Pending):
     params = [Param(k, v) for k, v in p.params.items()]
     tags = [RunTag(k, v) for k, v in p.tags.items()]
     metrics = p.metrics
+    limits = batch_limits()
     mi = 0
     while params or tags or mi < len(metrics):
         size = 0
         take_p: list[Param] = []
         take_t: list[RunTag] = []
         for src, dst in ((params, take_p), (tags, take_t)):
-            while src and len(dst) < MAX_PARAMS_TAGS_PER_BATCH:
+            while src and len(dst) < limits.params_tags:
                 item_size = len(src[0].key) + len(src[0].value) + 32
                 if dst and size + item_size > _MAX_BATCH_BYTES // 2:
                     break
                 size += item_size
                 dst.append(src.pop(0))
-        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(take_p) - len(take_t))
+        room = min(limits.metrics, limits.entities - len(take_p) - len(take_t))
         take_m = metrics[mi : mi + room]
         mi += len(take_m)
         yield take_m, take_p, take_t
@@ -104,7 +104,7 @@ class Applier:
         client: MlflowClient | None = None,
         workers: int = 1,
         on_run_created: Callable[[str, str], None] | None = None,
-        fast_sqlite: bool = True,
+        fast_sqlite: bool | None = None,
     ) -> None:
         self.spool = spool
         self.target_uri = target_uri
@@ -115,8 +115,10 @@ class Applier:
         self.stats = ApplyStats()
         self._on_run_created = on_run_created
         self._warned: set[str] = set()
+        # The sqlite bulk insert is an opt-in (None: $HVDKIT_SQLITE_BULK_METRICS): the default path is
+        # MLflow's public log_batch (see _sqlfast for when the opt-in is worth it).
         self._bulk: SqliteBulkMetrics | None = None
-        self._bulk_checked = not fast_sqlite
+        self._bulk_checked = not (_sqlfast.enabled() if fast_sqlite is None else fast_sqlite)
 
     @property
     def client(self) -> MlflowClient:
@@ -293,7 +295,7 @@ class Applier:
                 self._guard(f"tag {item.key} of {ref}", lambda item=item: self.client.log_batch(run_id, tags=[item]))
 
     def _bulk_metrics(self, pending: dict[str, _Pending]) -> None:
-        """sqlite: all runs' metrics in one transaction (see _sqlfast); the params and tags left
+        """sqlite, opted in: all runs' metrics in one transaction (see _sqlfast); the params and tags left
         in ``pending`` go through log_batch as usual."""
         assert self._bulk is not None
         rows = []

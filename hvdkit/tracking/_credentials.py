@@ -207,15 +207,14 @@ def use_credentials(uri: str) -> Source | None:
 
 
 def _point_mlflow_at(path: Path | None) -> None:
-    # MLflow has no setting for the path of its credentials file; it calls this function for it on
-    # every request (mlflow.utils.credentials, checked on 3.17). Replacing it keeps the password
-    # out of this process's environment, hence out of any child's.
-    from mlflow.utils import credentials
+    # MLflow has no setting for the path of its credentials file (see
+    # _mlflow_private.set_credentials_path). Pointing it there keeps the password out of this
+    # process's environment, hence out of any child's.
+    from hvdkit.tracking._mlflow_private import set_credentials_path
 
-    if not callable(getattr(credentials, "_get_credentials_path", None)):
+    if not set_credentials_path(str(path)):
         raise TrackingError(f"this MLflow cannot read credentials from {ENV_FILE} ({path})",
                             fix=f"unset {ENV_FILE} and put the file at {DEFAULT_FILE} on rank 0's host")
-    credentials._get_credentials_path = lambda: str(path)
 
 
 __all__ = ["ENV_FILE", "Source", "credentials_path", "find_source", "is_secret", "mask_uri", "mode_problem",

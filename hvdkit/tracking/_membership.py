@@ -437,7 +437,8 @@ class ElasticTracking:
         # (enough for the np=1 baseline lookup and the joiners' runs).
         from hvdkit.tracking.efficiency import host_type
 
-        parent_tags = record.get("parent_tags") or {**self._tags, keys.TAG_HOST_TYPE: host_type(),
+        accelerator = getattr(tracker.config, "accelerator", None)
+        parent_tags = record.get("parent_tags") or {**self._tags, keys.TAG_HOST_TYPE: host_type(accelerator),
                                                     **({keys.TAG_JOB_ID: str(job_id)} if job_id else {})}
         tracker.take_over_writer(runs, f"{job_id}.r{resumes}.e{len(record['epochs']) - 1}", parent_tags)
         record["runs"] = runs

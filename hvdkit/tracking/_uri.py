@@ -47,23 +47,17 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(_REMOTE_SCHEMES)
 
 
-# Schemes MLflow's tracking store registry always has (mlflow.tracking._tracking_service.utils:
-# file store, REST, Databricks, SQLAlchemy databases, e.g. "postgresql+psycopg2"); any other
-# scheme is looked up in the registry itself, which plugins extend.
+# Schemes MLflow's tracking store registry always has (file store, REST, Databricks, SQLAlchemy
+# databases, e.g. "postgresql+psycopg2"); any other scheme is looked up in the registry itself,
+# which plugins extend (_mlflow_private.tracking_scheme_registered).
 _BUILTIN_SCHEMES = frozenset({"", "file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql"})
 _URI_FIX = "set MLFLOW_TRACKING_URI (or --tracking-uri) to sqlite:///PATH.db, http(s)://HOST:PORT or a directory"
 
 
 def _registered_scheme(uri: str) -> bool:
-    try:
-        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-    except ImportError:  # MLflow moved its registry: do not refuse what we cannot check
-        return True
-    try:
-        _tracking_store_registry.get_store_builder(uri)
-        return True
-    except Exception:  # noqa: BLE001 - UnsupportedModelRegistryStoreURIException and kin
-        return False
+    from hvdkit.tracking._mlflow_private import tracking_scheme_registered
+
+    return tracking_scheme_registered(uri)
 
 
 def _sqlite_file(uri: str) -> str | None:

@@ -10,29 +10,33 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_TAG_VAL_LENGTH,
-    _validate_metric_name,
-    _validate_param_name,
-    _validate_tag_name,
-)
-
 from hvdkit.errors import TrackingError
+from hvdkit.tracking._mlflow_private import length_limits, name_problem
 
-_NAME_FIX = (
-    "use only letters, digits, _ - . / : and spaces, at most "
-    f"{MAX_ENTITY_KEY_LENGTH} characters, not starting with '/' or containing '..'"
-)
+
+def _name_fix() -> str:
+    return (
+        "use only letters, digits, _ - . / : and spaces, at most "
+        f"{length_limits().key} characters, not starting with '/' or containing '..'"
+    )
+
 
 # Names already checked: log_metrics is called with the same few keys every epoch.
 _ok_metric_names: set[str] = set()
 
 
-def _mlflow_reason(exc: MlflowException) -> str:
-    return str(exc.message if hasattr(exc, "message") else exc)
+def _check_name(kind: str, key: str) -> str:
+    problem = name_problem(kind, key)
+    if problem is not None:
+        raise TrackingError(f"MLflow rejects {kind} name {key!r}: {problem}", fix=_name_fix())
+    return key
+
+
+def _check_key_length(kind: str, key: str) -> str:
+    limit = length_limits().key
+    if len(key) > limit:
+        raise TrackingError(f"{kind} name {key[:40]!r}... is longer than {limit} characters", fix=_name_fix())
+    return key
 
 
 def check_metric_name(key: object) -> str:
@@ -40,12 +44,7 @@ def check_metric_name(key: object) -> str:
         return key
     if not isinstance(key, str):
         raise TrackingError(f"metric name {key!r} is not a string", fix="name metrics with str keys")
-    try:
-        _validate_metric_name(key)
-    except MlflowException as exc:
-        raise TrackingError(f"MLflow rejects metric name {key!r}: {_mlflow_reason(exc)}", fix=_NAME_FIX) from None
-    if len(key) > MAX_ENTITY_KEY_LENGTH:
-        raise TrackingError(f"metric name {key[:40]!r}... is longer than {MAX_ENTITY_KEY_LENGTH} characters", fix=_NAME_FIX)
+    _check_key_length("metric", _check_name("metric", key))
     _ok_metric_names.add(key)
     return key
 
@@ -63,21 +62,11 @@ def check_metric_value(key: str, value: object) -> float:
 
 
 def check_param_name(key: str) -> str:
-    try:
-        _validate_param_name(key)
-    except MlflowException as exc:
-        raise TrackingError(f"MLflow rejects param name {key!r}: {_mlflow_reason(exc)}", fix=_NAME_FIX) from None
-    if len(key) > MAX_ENTITY_KEY_LENGTH:
-        raise TrackingError(f"param name {key[:40]!r}... is longer than {MAX_ENTITY_KEY_LENGTH} characters", fix=_NAME_FIX)
-    return key
+    return _check_key_length("param", _check_name("param", key))
 
 
 def check_tag_name(key: str) -> str:
-    try:
-        _validate_tag_name(key)
-    except MlflowException as exc:
-        raise TrackingError(f"MLflow rejects tag name {key!r}: {_mlflow_reason(exc)}", fix=_NAME_FIX) from None
-    return key
+    return _check_name("tag", key)
 
 
 def _truncate(value: str, limit: int) -> str:
@@ -112,7 +101,7 @@ def flatten_params(params: Mapping[str, Any], *, sep: str = ".") -> dict[str, st
             for k, v in value.items():
                 walk(f"{prefix}{sep}{k}" if prefix else str(k), v)
             return
-        out[check_param_name(prefix)] = _truncate(_to_str(value), MAX_PARAM_VAL_LENGTH)
+        out[check_param_name(prefix)] = _truncate(_to_str(value), length_limits().param_value)
 
     walk("", params)
     return out
@@ -120,17 +109,16 @@ def flatten_params(params: Mapping[str, Any], *, sep: str = ".") -> dict[str, st
 
 def clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     """Tags as MLflow stores them: checked names, str values cut to the tag length limit."""
-    return {check_tag_name(str(k)): _truncate(_to_str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+    return {check_tag_name(str(k)): _truncate(_to_str(v), length_limits().tag_value) for k, v in tags.items()}
 
 
 def check_experiment_name(name: object) -> str:
     """An experiment name MLflow accepts (``--experiment``), checked before a job starts: rank 0
     would otherwise fail to create it once the job runs."""
-    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
-
+    limit = length_limits().experiment_name
     if not isinstance(name, str) or not name.strip():
         raise TrackingError(f"experiment name {name!r} is empty", fix="pass --experiment NAME, or leave it out for 'hvdkit'")
-    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
-        raise TrackingError(f"experiment name {name[:40]!r}... is longer than {MAX_EXPERIMENT_NAME_LENGTH} characters",
-                            fix=f"pass a name of at most {MAX_EXPERIMENT_NAME_LENGTH} characters")
+    if len(name) > limit:
+        raise TrackingError(f"experiment name {name[:40]!r}... is longer than {limit} characters",
+                            fix=f"pass a name of at most {limit} characters")
     return name

@@ -110,6 +110,9 @@ MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 
 # Environment variable through which a launcher passes the job id (the TAG_JOB_ID value) to rank 0.
 ENV_JOB_ID = "HVDKIT_JOB_ID"
+# Opt-in (=1) to the sqlite bulk metric insert on rank 0 and in ``hvdkit sync``: it bypasses
+# MLflow's log_batch, which cannot keep up with ~500 child runs on sqlite (see _sqlfast).
+ENV_SQLITE_BULK_METRICS = "HVDKIT_SQLITE_BULK_METRICS"
 
 
 def describe(scope: Scope | None = None) -> list[MetricKey]:
@@ -122,6 +125,7 @@ __all__ = [
     "COMM_WAIT_S",
     "DATA_TIME_S",
     "ENV_JOB_ID",
+    "ENV_SQLITE_BULK_METRICS",
     "JOB_KEYS",
     "JOB_KEY_NAMES",
     "LOSS",
