@@ -245,13 +245,19 @@ def test_autolog_misuse_names_the_fix(tmp_path, code, needle):
 
 
 def test_tracking_stays_framework_free():
-    """autolog's entry module imports no framework; the adapter for one loads only when used."""
-    code = ("import sys, hvdkit, hvdkit.tracking.autolog, hvdkit.tracking._autolog_torch, hvdkit.tracking._autolog_tf; "
+    """autolog's entry module imports no framework, and neither does loading its adapter plugins
+    (the framework layers' ``_autolog`` modules, found through the ``hvdkit.autolog`` entry points):
+    a framework loads only when its adapter is built for a script that imported it."""
+    code = ("import sys, hvdkit, hvdkit.tracking.autolog as a; plugins = a.adapter_plugins(); "
             "bad = [m for m in ('torch', 'tensorflow', 'horovod', 'keras') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+            "print(sorted(p.framework for p in plugins), bad); "
+            "sys.exit(1 if bad or sorted(p.framework for p in plugins) != ['tensorflow', 'torch'] else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env=worker_env())
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "not registered" not in res.stderr, res.stderr  # the entry points are installed (pip install -e .)
+    for name in ("_autolog_torch.py", "_autolog_tf.py"):
+        assert not (REPO / "hvdkit" / "tracking" / name).exists()  # the adapters live in the framework layers
 
 
 def test_skip_keys_are_logged_nowhere(tmp_path, monkeypatch):

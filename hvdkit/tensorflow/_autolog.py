@@ -11,8 +11,10 @@ while the script has made no ``grouped_allreduce`` call: otherwise a metric aver
 an epoch would count as a step. Calls inside a ``tf.function`` run as graph ops, out of Python's
 sight: they are not counted (a warning says so once).
 
-Imported by :mod:`hvdkit.tracking.autolog` only when ``horovod.tensorflow`` is imported and
-initialised; TensorFlow is only touched inside methods.
+The ``tensorflow`` plugin of the ``hvdkit.autolog`` entry-point group (pyproject.toml):
+:mod:`hvdkit.tracking.autolog` loads :data:`adapter` and builds it when the script has imported
+and initialised ``horovod.tensorflow``. TensorFlow is only touched inside methods, so loading the
+plugin in a PyTorch script imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,19 +26,23 @@ from typing import Any
 
 import numpy as np
 
+from hvdkit.tensorflow._accelerator import accelerator_name
 from hvdkit.tracking import keys
 
 log = logging.getLogger("hvdkit.tracking")
 _PATCHED = "_hvdkit_autolog"
 
 
-class Adapter:
+class TensorFlowAutologAdapter:
     framework = "tensorflow"
+    horovod_module = "horovod.tensorflow"  # the Horovod module a script that this adapter serves imports
+    priority = 1  # after torch when a script imported (and initialised) both
     unmeasured: frozenset[str] = frozenset({keys.DATA_TIME_S})  # see the module docstring
 
     def __init__(self, hvd: Any) -> None:
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
+        self.accelerator: str | None = accelerator_name(hvd.local_rank())  # the GPU's name, None on the CPU
         self._session: Any = None
         self._originals: list[tuple[Any, str, Any]] = []
         self._grouped_seen = False
@@ -104,3 +110,8 @@ class Adapter:
 
         setattr(wrapper, _PATCHED, True)
         return wrapper
+
+
+# The ``hvdkit.autolog`` entry point (pyproject.toml): a class with ``framework``,
+# ``horovod_module`` and ``priority``, built with the initialised Horovod module.
+adapter = TensorFlowAutologAdapter

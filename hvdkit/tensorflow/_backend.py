@@ -23,22 +23,9 @@ tf, hvd = require("tensorflow")
 import keras  # noqa: E402
 
 from hvdkit.tensorflow import _models, _optimizer  # noqa: E402
+from hvdkit.tensorflow._accelerator import accelerator_name  # noqa: E402
 
 _EVAL_BATCH = 512  # bounds evaluation memory on large validation shards
-
-
-def accelerator_name(local_rank: int = 0) -> str | None:
-    """The name of the GPU this rank sees (``device_name`` from
-    ``tf.config.experimental.get_device_details``; the ``local_rank``-th when several are
-    visible), or None when TensorFlow sees no GPU."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return None
-    try:
-        details = tf.config.experimental.get_device_details(gpus[local_rank % len(gpus)])
-    except (ValueError, RuntimeError):  # details unavailable for this device
-        return None
-    return details.get("device_name") or None
 
 
 def sparse_ce(labels, logits):

@@ -1,8 +1,9 @@
 """hvdkit.autolog for PyTorch scripts: instruments the optimizers ``hvd.DistributedOptimizer`` makes.
 
-Imported by :mod:`hvdkit.tracking.autolog` only when ``horovod.torch`` is already imported and
-initialised; torch and Horovod are still only touched inside methods, so importing this module
-stays as cheap as the rest of the tracking layer.
+The ``torch`` plugin of the ``hvdkit.autolog`` entry-point group (pyproject.toml):
+:mod:`hvdkit.tracking.autolog` loads :data:`adapter` and builds it when the script has imported
+and initialised ``horovod.torch``. torch and Horovod are only touched inside methods, so loading
+the plugin in a TensorFlow script imports neither.
 """
 
 from __future__ import annotations
@@ -13,16 +14,23 @@ from typing import Any
 
 import numpy as np
 
+from hvdkit.torch._accelerator import accelerator_name, rank_cuda_device
+
 _PATCHED = "_hvdkit_autolog"  # marks a patched factory / an instrumented optimizer class
 
 
-class Adapter:
+class TorchAutologAdapter:
     framework = "torch"
+    horovod_module = "horovod.torch"  # the Horovod module a script that this adapter serves imports
+    priority = 0  # torch first when a script imported (and initialised) both frameworks' Horovod
     unmeasured: frozenset[str] = frozenset()  # step, data (via zero_grad), comm and rss are all measured
 
     def __init__(self, hvd: Any) -> None:
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
+        # The GPU the script trains on by Horovod's convention (torch.cuda.set_device(local
+        # rank)), or None without CUDA; autolog() runs before the model exists.
+        self.accelerator: str | None = accelerator_name(rank_cuda_device(hvd.local_rank()))
         self._session: Any = None
         self._originals: list[tuple[Any, str, Any]] = []
 
@@ -109,3 +117,8 @@ class Adapter:
         setattr(cls, _PATCHED, True)
         session.optimizer_ready()
         return opt
+
+
+# The ``hvdkit.autolog`` entry point (pyproject.toml): a class with ``framework``,
+# ``horovod_module`` and ``priority``, built with the initialised Horovod module.
+adapter = TorchAutologAdapter

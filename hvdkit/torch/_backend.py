@@ -17,22 +17,7 @@ from hvdkit.recipe import Recipe
 torch, hvd = require("torch")
 
 from hvdkit.torch import _models  # noqa: E402  (needs torch, imported just above)
-
-def accelerator_name(device: "torch.device | str | None") -> str | None:
-    """The GPU's name when ``device`` is a CUDA device (``torch.cuda.get_device_name``), else None."""
-    if device is None:
-        return None
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_name(device)
-
-
-def _model_device(model: "torch.nn.Module") -> "torch.device":
-    """Where ``model``'s parameters live (CPU for a model without any)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+from hvdkit.torch._accelerator import accelerator_name, model_device  # noqa: E402
 
 
 def _optimizer(params, spec) -> "torch.optim.Optimizer":
@@ -62,7 +47,7 @@ class TorchBackend:
         self.model = model if model is not None else _models.build(recipe.model, tuple(self.x.shape[1:]), data.num_classes)
         self.loss_fn = torch.nn.CrossEntropyLoss()
         # The GPU this rank trains on (its name), or None on the CPU: reported to tracking.
-        self.accelerator: str | None = accelerator_name(_model_device(self.model))
+        self.accelerator: str | None = accelerator_name(model_device(self.model))
         self.passes = recipe.horovod.backward_passes_per_step
         compression = hvd.Compression.fp16 if recipe.horovod.compression == "fp16" else hvd.Compression.none
         # Averages g_i over ranks in background allreduces that start as each gradient is ready.

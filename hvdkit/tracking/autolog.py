@@ -11,8 +11,9 @@ with ``step_time_s``, ``data_time_s`` (PyTorch), ``comm_wait_s``, ``rss_mb`` and
 size is given, ``samples_per_sec`` (per rank on the children, summed on the parent). The loss is
 not seen by Horovod's optimizer, so it is not logged (nothing is logged as a made-up zero).
 
-How a step is recognised (the framework code lives in ``_autolog_torch`` / ``_autolog_tf``,
-imported only for the Horovod module the script already imported):
+How a step is recognised (the framework code lives in the framework layers, ``hvdkit.torch._autolog``
+and ``hvdkit.tensorflow._autolog``: plugins of the ``hvdkit.autolog`` entry-point group, see
+:func:`adapter_plugins`; the one whose Horovod module the script imported and initialised is used):
 
 * PyTorch: ``hvd.DistributedOptimizer`` is patched so the optimizer it returns reports every
   ``step()`` (one training step), the time inside ``synchronize()`` (comm wait), and the first
@@ -31,14 +32,15 @@ script has no launcher that knows.
 from __future__ import annotations
 
 import atexit
-import importlib
+import dataclasses
 import logging
 import signal
 import sys
 import threading
 import time
+from importlib.metadata import EntryPoint, distribution, entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hvdkit.errors import FrameworkMissingError, HvdkitError, UsageError
 from hvdkit.tracking import keys
@@ -46,11 +48,42 @@ from hvdkit.tracking._rank import stagger_peer_exit
 
 log = logging.getLogger("hvdkit.tracking")
 
-# Which adapter serves which Horovod module; torch first when a script imported both.
-_ADAPTERS = (
-    ("horovod.torch", "hvdkit.tracking._autolog_torch"),
-    ("horovod.tensorflow", "hvdkit.tracking._autolog_tf"),
-)
+# Framework adapters are plugins (like MLflow's ``mlflow.run_context_provider``): the tracking
+# layer imports no framework, it loads what this entry-point group names (pyproject.toml).
+ENTRY_POINT_GROUP = "hvdkit.autolog"
+# hvdkit's own plugins, for an install that predates them (an editable install made before the
+# group was declared): used with a one-line warning that says to reinstall.
+_OWN_PLUGINS = {
+    "torch": "hvdkit.torch._autolog:adapter",
+    "tensorflow": "hvdkit.tensorflow._autolog:adapter",
+}
+_REINSTALL = "reinstall hvdkit (pip install -e . in a checkout, else pip install --force-reinstall hvdkit)"
+
+
+class Adapter(Protocol):
+    """What a framework layer's autolog adapter gives the session (built with the Horovod module)."""
+
+    framework: str
+    rank: int
+    size: int
+    unmeasured: frozenset[str]  # per-rank keys it cannot measure (logged nowhere)
+    accelerator: str | None  # the GPU's name, None on the CPU
+
+    def gather(self, vector: Any) -> Any: ...
+    def broadcast_object(self, obj: Any) -> Any: ...
+    def versions(self) -> dict[str, str]: ...
+    def install(self, session: "AutologSession") -> None: ...
+    def uninstall(self) -> None: ...
+
+
+class AdapterPlugin(Protocol):
+    """What an ``hvdkit.autolog`` entry point names: a factory of :class:`Adapter` (a class, say)."""
+
+    framework: str
+    horovod_module: str  # the Horovod module a script it serves imports, e.g. "horovod.torch"
+    priority: int  # lower first, when a script imported (and initialised) several
+
+    def __call__(self, hvd: Any) -> Adapter: ...
 
 _active: "AutologSession | None" = None
 _lock = threading.Lock()
@@ -59,7 +92,7 @@ _lock = threading.Lock()
 class AutologSession:
     """One process's autolog: the tracker, the step clock the adapter drives, the exit hooks."""
 
-    def __init__(self, tracker: Any, adapter: Any, batch_size: int | None) -> None:
+    def __init__(self, tracker: Any, adapter: "Adapter", batch_size: int | None) -> None:
         self.tracker = tracker
         self.adapter = adapter
         self.batch_size = batch_size
@@ -173,20 +206,55 @@ class AutologSession:
         atexit.register(self._atexit)
 
 
-def _pick_adapter(framework: str | None = None):
-    candidates = [(m, a) for m, a in _ADAPTERS if m in sys.modules and (framework is None or m.endswith(framework))]
-    if not candidates:
+def _metadata_path() -> str:
+    """Where hvdkit's installed metadata was found (the first on sys.path wins, e.g. a stale
+    ``hvdkit.egg-info`` in a checkout on ``PYTHONPATH``)."""
+    try:
+        dist = distribution("hvdkit")
+        return str(getattr(dist, "_path", None) or dist.locate_file(""))
+    except Exception:  # noqa: BLE001 - not installed at all
+        return "no installed hvdkit"
+
+
+def adapter_plugins(group: str = ENTRY_POINT_GROUP) -> list[AdapterPlugin]:
+    """The adapter plugins of ``group``, lowest ``priority`` first. Loading a plugin imports no
+    framework. A plugin that fails to load, or is no adapter factory, is skipped with a warning;
+    hvdkit's own, when not registered (a stale install), are used with a warning to reinstall."""
+    found = list(entry_points(group=group))
+    missing = sorted(set(_OWN_PLUGINS) - {ep.name for ep in found})
+    if missing:
+        log.warning("hvdkit.autolog: entry point(s) %s of group %r not registered in %s (stale metadata); "
+                    "using hvdkit's own: %s", ", ".join(missing), group, _metadata_path(), _REINSTALL)
+        found += [EntryPoint(name, _OWN_PLUGINS[name], group) for name in missing]
+    plugins: list[AdapterPlugin] = []
+    for ep in found:
+        try:
+            plugin = ep.load()
+            if not callable(plugin) or not isinstance(getattr(plugin, "horovod_module", None), str):
+                raise TypeError("not an adapter factory (callable with a horovod_module name)")
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the script
+            log.warning("hvdkit.autolog: skipping the %r adapter plugin (%s): %s: %s",
+                        ep.name, ep.value, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            continue
+        plugins.append(plugin)
+    return sorted(plugins, key=lambda p: getattr(p, "priority", 100))
+
+
+def _pick_adapter(framework: str | None = None) -> Adapter:
+    plugins = [p for p in adapter_plugins() if p.horovod_module in sys.modules
+               and (framework is None or getattr(p, "framework", None) == framework)]
+    if not plugins:
         raise FrameworkMissingError(
             "hvdkit.autolog() found no Horovod framework module imported (horovod.torch or horovod.tensorflow)",
             fix="import horovod.torch (or horovod.tensorflow) as hvd and call hvd.init() before hvdkit.autolog()",
         )
-    initialized = [(m, a) for m, a in candidates if sys.modules[m].is_initialized()]
+    initialized = [p for p in plugins if sys.modules[p.horovod_module].is_initialized()]
     if not initialized:
         raise UsageError(
-            f"hvdkit.autolog() was called before {candidates[0][0]}.init()",
+            f"hvdkit.autolog() was called before {plugins[0].horovod_module}.init()",
             fix="call hvdkit.autolog() right after hvd.init()",
         )
-    return importlib.import_module(initialized[0][1]).Adapter(sys.modules[initialized[0][0]])
+    return initialized[0](sys.modules[initialized[0].horovod_module])
 
 
 def _script_name() -> str:
@@ -215,7 +283,7 @@ def autolog(
             return _active
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
             raise UsageError(f"hvdkit.autolog(batch_size={batch_size!r}) must be a positive int", fix="e.g. batch_size=32")
-        from hvdkit.tracking._job import TrackingConfig, World, open_job_tracker
+        from hvdkit.tracking import TrackingConfig, World, open_job_tracker
         from hvdkit.tracking.efficiency import host_type
 
         adapter = _pick_adapter()
@@ -223,6 +291,10 @@ def autolog(
         if batch_size is None:
             skip.add(keys.SAMPLES_PER_SEC)
         script = _script_name()
+        accelerator = getattr(adapter, "accelerator", None)
+        extra: dict[str, Any] = {}
+        if "accelerator" in {f.name for f in dataclasses.fields(TrackingConfig)}:
+            extra["accelerator"] = accelerator
         config = TrackingConfig(
             tracking_uri=tracking_uri,
             experiment=experiment,
@@ -231,10 +303,11 @@ def autolog(
             skip_keys=frozenset(skip),
             # Efficiency needs the same script at np=1; the lookup costs a store round trip at exit.
             log_efficiency=batch_size is not None,
+            **extra,
         )
         world = World.from_horovod_env(adapter.rank, adapter.size, adapter.gather)  # a collective
         tracker = open_job_tracker(config, world, gather=adapter.gather, broadcast_object=adapter.broadcast_object)
-        tags = {keys.TAG_RECIPE: script, keys.TAG_FRAMEWORK: adapter.framework, keys.TAG_HOST_TYPE: host_type()}
+        tags = {keys.TAG_RECIPE: script, keys.TAG_FRAMEWORK: adapter.framework, keys.TAG_HOST_TYPE: host_type(accelerator)}
         if batch_size is not None:
             tags[keys.TAG_BATCH_SIZE] = str(batch_size)
         params: dict[str, Any] = {"script": script, "argv": " ".join(sys.argv[1:]) or "-", "log_every": log_every,
@@ -258,4 +331,4 @@ def active() -> AutologSession | None:
     return _active
 
 
-__all__ = ["AutologSession", "active", "autolog"]
+__all__ = ["ENTRY_POINT_GROUP", "Adapter", "AdapterPlugin", "AutologSession", "active", "adapter_plugins", "autolog"]
