@@ -326,3 +326,38 @@ def test_rank_zero_helpers():
     assert rank_zero(1, lambda: 1 / 0, default="no") == "no"
     assert rank_zero_only(0)(lambda: 5)() == 5
     assert rank_zero_only(3)(lambda: 5)() is None
+
+
+def test_accelerator_is_part_of_the_host_type_and_of_the_baseline_match(store, tmp_path, capsys):
+    from hvdkit.tracking.efficiency import find_baseline, host_type
+
+    uri, client = store
+    gpu = "NVIDIA H100 80GB HBM3"
+    tags = {keys.TAG_RECIPE: "mnist", keys.TAG_FRAMEWORK: "torch", keys.TAG_BATCH_SIZE: "32"}
+    cpu_one = FakeWorld(1).trackers(_config(uri, tmp_path))
+    _run_job(cpu_one, steps=15, tags=tags)  # an np=1 CPU run: no baseline for a GPU job
+    gpu_two = FakeWorld(2).trackers(_config(uri, tmp_path, accelerator=gpu))
+    _run_job(gpu_two, steps=15, tags=tags)
+
+    cpu_type = client.get_run(cpu_one[0].run_id).data.tags[keys.TAG_HOST_TYPE]
+    gpu_parent = client.get_run(gpu_two[0].run_id)
+    gpu_type = gpu_parent.data.tags[keys.TAG_HOST_TYPE]
+    assert cpu_type == host_type() and gpu_type == host_type(gpu) and gpu_type.endswith("-nvidia-h100-80gb-hbm3")
+    assert cpu_type != gpu_type
+    children = [r for r in job_runs(client) if r.data.tags.get(keys.MLFLOW_PARENT_RUN_ID) == gpu_two[0].run_id]
+    assert len(children) == 2 and {r.data.tags[keys.TAG_HOST_TYPE] for r in children} == {gpu_type}
+    assert keys.SCALING_EFFICIENCY not in gpu_parent.data.metrics
+    assert "no np=1 baseline: scaling_efficiency not logged" in capsys.readouterr().err
+    exp_id = client.get_experiment_by_name("hvdkit").experiment_id
+    assert find_baseline(client, exp_id, "mnist", "torch", "32", gpu_type) is None
+    assert find_baseline(client, exp_id, "mnist", "torch", "32", cpu_type).run_id == cpu_one[0].run_id
+
+    gpu_one = FakeWorld(1).trackers(_config(uri, tmp_path, accelerator=gpu))
+    _run_job(gpu_one, steps=15, tags=tags)
+    gpu_two = FakeWorld(2).trackers(_config(uri, tmp_path, accelerator=gpu))
+    _run_job(gpu_two, steps=15, tags=tags)
+    # Each job divides by the np=1 run of its own host type, whichever finished last.
+    assert client.get_run(gpu_two[0].run_id).data.tags[keys.TAG_BASELINE_RUN_ID] == gpu_one[0].run_id
+    cpu_two = FakeWorld(2).trackers(_config(uri, tmp_path))
+    _run_job(cpu_two, steps=15, tags=tags)
+    assert client.get_run(cpu_two[0].run_id).data.tags[keys.TAG_BASELINE_RUN_ID] == cpu_one[0].run_id
