@@ -227,3 +227,31 @@ def test_import_survives_mlflow_internals_that_moved():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rejected" in proc.stdout and "resolves to 'b'" in proc.stdout
     assert "BatchLimits(metrics=1000, params_tags=100, entities=1000)" in proc.stdout
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_a_sqlite_store_left_behind_names_the_remedies(tmp_path, monkeypatch, capsys, opted_in):
+    import threading
+
+    from hvdkit.tracking._writer import SpoolWriter
+
+    if opted_in:
+        monkeypatch.setenv(keys.ENV_SQLITE_BULK_METRICS, "1")
+    else:
+        monkeypatch.delenv(keys.ENV_SQLITE_BULK_METRICS, raising=False)
+    release = threading.Event()
+
+    def slow(self, max_events=5000):  # a healthy store that has not caught up by close()
+        release.wait(10)
+        return 0
+
+    monkeypatch.setattr(Applier, "apply_next", slow)
+    uri = sqlite_store(tmp_path)
+    w = SpoolWriter(Spool.create(tmp_path / "spool", "job-1", uri), uri)
+    w.submit({"op": "log_batch", "ref": "parent", "metrics": [["loss", 1.0, 1, 1]]})
+    report = w.close(0)
+    release.set()
+    err = capsys.readouterr().err
+    assert report.pending == 1 and "replay with: hvdkit sync" in err
+    hint = "the sqlite store fell behind this job's metrics — fix: fewer child runs (log.per_rank_runs: k)"
+    assert (hint in err) is (not opted_in)

@@ -121,6 +121,11 @@ class Applier:
         self._bulk_checked = not (_sqlfast.enabled() if fast_sqlite is None else fast_sqlite)
 
     @property
+    def bulk_metrics(self) -> bool:
+        """Whether this applier may use the opted-in sqlite bulk insert (until it falls back)."""
+        return self._bulk is not None or not self._bulk_checked
+
+    @property
     def client(self) -> MlflowClient:
         # Built lazily: for a sqlite store this opens (and may migrate) the database, which must
         # happen on the writer thread, never the training thread.

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from hvdkit.tracking._apply import Applier, StoreUnavailable
+from hvdkit.tracking.keys import ENV_SQLITE_BULK_METRICS
 from hvdkit.tracking._spool import Event, Spool
 from hvdkit.tracking._uri import absolute_uri, is_remote
 
@@ -151,6 +152,15 @@ class SpoolWriter:
                     file=sys.stderr,
                     flush=True,
                 )
+                if self._failures == 0 and self.tracking_uri.startswith("sqlite") and not self._applier.bulk_metrics:
+                    # A healthy sqlite store that was still behind: MLflow's log_batch is one
+                    # transaction per run, too slow for hundreds of child runs (see _sqlfast).
+                    print(
+                        f"hvdkit tracking: the sqlite store fell behind this job's metrics — fix: fewer child runs "
+                        f"(log.per_rank_runs: k), or opt in to the bulk insert with {ENV_SQLITE_BULK_METRICS}=1",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         self._closed = report
         return report
 
