@@ -92,6 +92,9 @@ def test_a_broken_plugin_warns_and_is_skipped(tmp_path):
     runs = _finished_runs(tmp_path)
     parent = next(r for r in runs if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_PARENT)
     assert parent.data.tags[keys.TAG_FRAMEWORK] == "torch"
+    from hvdkit.tracking.efficiency import host_type
+
+    assert parent.data.tags[keys.TAG_HOST_TYPE] == host_type(None)  # the adapter's accelerator: None here
 
 
 def test_a_stale_install_falls_back_with_one_line_to_reinstall(tmp_path):

@@ -32,7 +32,6 @@ script has no launcher that knows.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import signal
 import sys
@@ -284,17 +283,12 @@ def autolog(
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
             raise UsageError(f"hvdkit.autolog(batch_size={batch_size!r}) must be a positive int", fix="e.g. batch_size=32")
         from hvdkit.tracking import TrackingConfig, World, open_job_tracker
-        from hvdkit.tracking.efficiency import host_type
 
         adapter = _pick_adapter()
         skip = {keys.LOSS} | adapter.unmeasured
         if batch_size is None:
             skip.add(keys.SAMPLES_PER_SEC)
         script = _script_name()
-        accelerator = getattr(adapter, "accelerator", None)
-        extra: dict[str, Any] = {}
-        if "accelerator" in {f.name for f in dataclasses.fields(TrackingConfig)}:
-            extra["accelerator"] = accelerator
         config = TrackingConfig(
             tracking_uri=tracking_uri,
             experiment=experiment,
@@ -303,11 +297,13 @@ def autolog(
             skip_keys=frozenset(skip),
             # Efficiency needs the same script at np=1; the lookup costs a store round trip at exit.
             log_efficiency=batch_size is not None,
-            **extra,
+            # The GPU's name (None on the CPU): part of the host-type tag the tracker sets, so the
+            # efficiency baseline is an np=1 run on the same kind of device.
+            accelerator=getattr(adapter, "accelerator", None),
         )
         world = World.from_horovod_env(adapter.rank, adapter.size, adapter.gather)  # a collective
         tracker = open_job_tracker(config, world, gather=adapter.gather, broadcast_object=adapter.broadcast_object)
-        tags = {keys.TAG_RECIPE: script, keys.TAG_FRAMEWORK: adapter.framework, keys.TAG_HOST_TYPE: host_type(accelerator)}
+        tags = {keys.TAG_RECIPE: script, keys.TAG_FRAMEWORK: adapter.framework}
         if batch_size is not None:
             tags[keys.TAG_BATCH_SIZE] = str(batch_size)
         params: dict[str, Any] = {"script": script, "argv": " ".join(sys.argv[1:]) or "-", "log_every": log_every,
