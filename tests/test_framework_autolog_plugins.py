@@ -47,10 +47,10 @@ def _dist_info(root: Path, name: str, entry_points: str) -> None:
     (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
 
 
-def _run(tmp_path: Path, site: Path) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, site: Path, **extra: str) -> subprocess.CompletedProcess:
     script = tmp_path / "plain.py"
     script.write_text(SCRIPT)
-    env = worker_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = worker_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env=env)
@@ -104,10 +104,13 @@ def test_a_stale_install_falls_back_with_one_line_to_reinstall(tmp_path):
         [console_scripts]
         hvdkit = hvdkit.cli:main
     """)
-    res = _run(tmp_path, site)
+    res = _run(tmp_path, site, MLFLOW_EXPERIMENT_NAME="from-env")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "ADAPTER torch None" in res.stdout
     lines = [ln for ln in res.stderr.splitlines() if "not registered" in ln]
     assert len(lines) == 1, res.stderr[-3000:]
     assert "tensorflow, torch" in lines[0] and "'hvdkit.autolog'" in lines[0] and "pip install -e ." in lines[0]
-    _finished_runs(tmp_path)
+    runs = _finished_runs(tmp_path)
+    # autolog() without an experiment resolves it as `hvdkit run` does (hvdkit._ids.experiment_name)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {"from-env"}

@@ -41,6 +41,7 @@ from importlib.metadata import EntryPoint, distribution, entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
+from hvdkit._ids import experiment_name
 from hvdkit.errors import FrameworkMissingError, HvdkitError, UsageError
 from hvdkit.tracking import keys
 from hvdkit.tracking._rank import stagger_peer_exit
@@ -265,14 +266,16 @@ def _script_name() -> str:
 def autolog(
     batch_size: int | None = None,
     tracking_uri: str | None = None,
-    experiment: str = "hvdkit",
+    experiment: str | None = None,
     log_every: int = 10,
 ) -> AutologSession:
     """Track this Horovod job in MLflow: call once, on every rank, right after ``hvd.init()``.
 
     ``batch_size``: samples per optimizer step on each rank (for ``samples_per_sec``; without it
     throughput and scaling efficiency are not logged). ``tracking_uri``: default
-    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. ``log_every``: steps between gathers.
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``. ``experiment``: default
+    ``$MLFLOW_EXPERIMENT_NAME``, else ``hvdkit`` (as for ``hvdkit run``: :func:`hvdkit._ids.experiment_name`).
+    ``log_every``: steps between gathers.
     Returns the session (``run_id``, ``job_id``, ``finish()``); a second call returns the same one.
     """
     global _active
@@ -289,6 +292,7 @@ def autolog(
         if batch_size is None:
             skip.add(keys.SAMPLES_PER_SEC)
         script = _script_name()
+        experiment = experiment_name(experiment)
         config = TrackingConfig(
             tracking_uri=tracking_uri,
             experiment=experiment,
