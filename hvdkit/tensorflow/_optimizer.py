@@ -96,18 +96,6 @@ def _in_xla_context() -> bool:
         return False
 
 
-def average_gradients(grads: Sequence[Any], compression: Any = None) -> list:
-    """g = (1/p) Σ g_i over the ranks: one ``hvd.grouped_allreduce`` for all tensors."""
-    if hvd.size() == 1:
-        return list(grads)
-    if _in_xla_context():
-        from hvdkit.errors import UsageError
-
-        raise UsageError("Horovod's allreduce cannot run inside an XLA-compiled step (no XLA kernel on CPU)",
-                         fix="compile the model with jit_compile=False")
-    return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=compression or hvd.Compression.none)
-
-
 class GradientAveraging:
     """The one way hvdkit's TensorFlow layer averages gradients over the ranks, used by the custom
     loop (:class:`DistributedOptimizer`) and by ``model.fit`` (``DistributedKerasOptimizer``):
@@ -122,12 +110,20 @@ class GradientAveraging:
     """
 
     def __init__(self, compression: str | Any = "none", weight_decay: float = 0.0) -> None:
-        self.compression = get_compression(compression)
+        self.compression = get_compression("none" if compression is None else compression)
         self.weight_decay = float(weight_decay)
 
     def allreduce(self, grads: Sequence[Any]) -> list:
-        """(1/p) Σ_i g_i for each tensor of ``grads`` (dense, the same list on every rank)."""
-        return average_gradients(grads, self.compression)
+        """(1/p) Σ_i g_i for each tensor of ``grads`` (dense, the same list on every rank): one
+        ``hvd.grouped_allreduce`` for all tensors."""
+        if hvd.size() == 1:
+            return list(grads)
+        if _in_xla_context():
+            from hvdkit.errors import UsageError
+
+            raise UsageError("Horovod's allreduce cannot run inside an XLA-compiled step (no XLA kernel on CPU)",
+                             fix="compile the model with jit_compile=False")
+        return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression)
 
     def add_weight_decay(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
         """g + λθ for each gradient and its variable; ``grads`` unchanged when λ = 0."""
