@@ -303,15 +303,11 @@ class ElasticTracking:
             return base.run_id, base.samples_per_sec
         if tracker.config.baseline_run_id or not getattr(tracker._writer, "healthy", False):
             return None
-        from hvdkit.tracking.efficiency import find_baseline
+        from hvdkit.tracking._runs import matching_baseline
 
-        tags = getattr(tracker, "_parent_tags", {}) or {}
+        tags = getattr(tracker, "_parent_tags", {}) or {}  # their host_type names the accelerator too
         try:
-            client = tracker._client()
-            exp = client.get_experiment_by_name(tracker.config.experiment)
-            found = exp and find_baseline(client, exp.experiment_id, tags.get(keys.TAG_RECIPE, ""),
-                                          tags.get(keys.TAG_FRAMEWORK, ""), tags.get(keys.TAG_BATCH_SIZE, ""),
-                                          tags.get(keys.TAG_HOST_TYPE, ""))
+            found = matching_baseline(tracker.config, tags)
         except Exception as exc:  # noqa: BLE001 - a lookup failure must not fail a finished job
             log.warning("np=1 baseline lookup failed (%s): membership_scaling_efficiency not logged", exc)
             return None
