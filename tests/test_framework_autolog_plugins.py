@@ -82,12 +82,22 @@ def test_a_broken_plugin_warns_and_is_skipped(tmp_path):
         [hvdkit.autolog]
         missing = hvdkit_no_such_module_xyz:adapter
         notafactory = json:__doc__
+        raising = badadapter:adapter
     """)
+    # First in line for horovod.torch scripts, but its construction fails: the next one serves.
+    (site / "badadapter.py").write_text(textwrap.dedent("""
+        class Bad:
+            framework, horovod_module, priority = "torch", "horovod.torch", -1
+            def __init__(self, hvd):
+                raise RuntimeError("bad adapter")
+        adapter = Bad
+    """))
     res = _run(tmp_path, site)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "ADAPTER torch None" in res.stdout  # the CPU: no accelerator
     assert "skipping the 'missing' adapter plugin (hvdkit_no_such_module_xyz:adapter): ModuleNotFoundError" in res.stderr
     assert "skipping the 'notafactory' adapter plugin (json:__doc__): TypeError" in res.stderr
+    assert "skipping the adapter 'Bad' for horovod.torch: RuntimeError: bad adapter" in res.stderr
     assert "not registered" not in res.stderr
     runs = _finished_runs(tmp_path)
     parent = next(r for r in runs if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_PARENT)

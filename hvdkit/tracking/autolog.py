@@ -85,6 +85,7 @@ class AdapterPlugin(Protocol):
 
     def __call__(self, hvd: Any) -> Adapter: ...
 
+
 _active: "AutologSession | None" = None
 _lock = threading.Lock()
 
@@ -254,7 +255,14 @@ def _pick_adapter(framework: str | None = None) -> Adapter:
             f"hvdkit.autolog() was called before {plugins[0].horovod_module}.init()",
             fix="call hvdkit.autolog() right after hvd.init()",
         )
-    return initialized[0](sys.modules[initialized[0].horovod_module])
+    for plugin in initialized[:-1]:
+        try:
+            return plugin(sys.modules[plugin.horovod_module])
+        except Exception as exc:  # noqa: BLE001 - a broken plugin: the next one for this script
+            log.warning("hvdkit.autolog: skipping the adapter %r for %s: %s: %s", getattr(plugin, "__name__", plugin),
+                        plugin.horovod_module, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    last = initialized[-1]  # the last candidate's error is the script's
+    return last(sys.modules[last.horovod_module])
 
 
 def _script_name() -> str:
