@@ -108,6 +108,18 @@ def _job_parent(client, experiment: str, job_id: str):
     return None
 
 
+def _baseline_for_job(client, experiment_id: str, recipe, found, parent):
+    """The np=1 run of the first job's host type: ``found`` if it is one, else the latest such run."""
+    from hvdkit.tracking.efficiency import find_baseline
+
+    job_htype = parent.data.tags.get(keys.TAG_HOST_TYPE)
+    if found is not None and client.get_run(found.run_id).data.tags.get(keys.TAG_HOST_TYPE) == job_htype:
+        return found
+    if not job_htype:
+        return None
+    return find_baseline(client, experiment_id, recipe.name, recipe.framework, recipe.batch_size, job_htype)
+
+
 def _last_step(client, run_id: str) -> int:
     hist = client.get_metric_history(run_id, keys.SAMPLES_PER_SEC)
     return max((m.step for m in hist), default=0)
@@ -162,6 +174,9 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
     uri = absolute_uri(resolve_tracking_uri(tracking_uri))
     exp_name = experiment_name(experiment)
     client = MlflowClient(tracking_uri=uri)
+    # This host, without an accelerator: the launcher imports no framework. The jobs tag the host
+    # type with the device they train on, and the baseline must be of that type (checked after the
+    # first job when the sweep has no np=1 job of its own).
     htype = host_type()
     try:
         exp = client.get_experiment_by_name(exp_name)
@@ -173,7 +188,7 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
         else:
             if baseline or exp is not None:
                 base = find_baseline(client, exp.experiment_id if exp else "", recipe.name, recipe.framework,
-                                     recipe.batch_size, htype, run_id=baseline)
+                                     recipe.batch_size, htype, run_id=baseline, any_accelerator=True)
             if base is None:
                 raise LaunchError(
                     f"--np {','.join(map(str, nps))} has no 1 and experiment {exp_name!r} holds no finished np=1 run of "
@@ -213,13 +228,17 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
         raise _Interrupted(signal.Signals(signum).name)
 
     old_term = signal.signal(signal.SIGTERM, on_term)
+    # A baseline found in the store before any job ran matched this host with any accelerator;
+    # the first job's own host type decides (a CPU np=1 run is no baseline for a GPU job).
+    # --baseline RUN_ID is the user's choice and is kept.
+    base_settled = 1 in nps or bool(baseline)
     try:
         for n in nps:
             job_opts = replace(opts, np=n, env={**opts.env, "MLFLOW_TRACKING_URI": uri})
             args = ["--experiment", exp_name, "--parent-run-id", sweep_id]
             if log_every:
                 args += ["--log-every", str(log_every)]
-            if n > 1 and base is not None:
+            if n > 1 and base is not None and base_settled:
                 args += ["--baseline", base.run_id]  # the job logs E(N) on its own run too
             cmd = L.horovodrun_command(loaded, job_opts, args, list(overrides))
             job_id = new_job_id()
@@ -242,6 +261,20 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
                                   "(store unreachable during the job? see its spool and `hvdkit sync`)")
                 break
             row.samples_per_sec = t_n
+            if not base_settled:
+                base = _baseline_for_job(client, exp_id, recipe, base, parent)
+                if base is None:
+                    row.status = "FAILED"
+                    result.message = (f"experiment {exp_name!r} holds no finished np=1 run of recipe {recipe.name!r} "
+                                      f"on host type {parent.data.tags.get(keys.TAG_HOST_TYPE)!r} (this sweep's jobs); "
+                                      "fix: add 1 to --np, or pass --baseline RUN_ID")
+                    break
+                client.set_tag(sweep_id, keys.TAG_BASELINE_RUN_ID, base.run_id)
+                client.set_tag(sweep_id, keys.TAG_HOST_TYPE, parent.data.tags.get(keys.TAG_HOST_TYPE, htype))
+                result.baseline_run_id = base.run_id
+                if result.rows and result.rows[0].status == "baseline":
+                    result.rows[0] = SweepRow(1, base.samples_per_sec, 1.0, base.run_id, "baseline")
+                base_settled = True
             if n == 1:
                 base = Baseline(row.run_id, t_n, recipe.name)
                 client.set_tag(sweep_id, keys.TAG_BASELINE_RUN_ID, base.run_id)

@@ -66,7 +66,7 @@ def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> Non
                              "thread_cpu_s": threads or {}}, compact=True)
 
 
-def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job=None):
+def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job=None, accelerator=None):
     from hvdkit.tracking import TrackingConfig
 
     return TrackingConfig(
@@ -79,6 +79,7 @@ def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job
         job_id=job.job_id if job else None,
         resume_runs=dict(job.manifest.get("runs") or {}) if job and job.resumed else {},
         resumes=int(job.manifest.get("resumes") or 0) if job and job.resumed else 0,
+        accelerator=accelerator,  # the framework layer's device: a GPU job's baseline is a GPU job
     )
 
 
@@ -268,7 +269,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
                              baseline=baseline, parent_run_id=parent_run_id, resume=resume, force=force)
     world = World.from_horovod_env(backend.rank, backend.size, backend.gather)  # every rank's hostname
     job = _open_job(recipe, backend, resume, force, not no_track, experiment)
-    config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job)
+    config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job, backend.accelerator)
     config.baseline_run_id = baseline
     tracker = open_job_tracker(config, world, gather=backend.gather, broadcast_object=backend.broadcast_object,
                                gather_async=getattr(backend, "gather_async", None))

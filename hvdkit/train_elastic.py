@@ -55,7 +55,7 @@ def train_elastic(loaded, backend, data, *, no_track=False, log_every=None, expe
         if not job_box["shared"].get("error"):
             job_box["job"] = _job_from(job_box["shared"])
     job = job_box.get("job")
-    config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job)
+    config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job, backend.accelerator)
     config.baseline_run_id = baseline
     world0 = World(rank=start_rank, size=backend.size)
     tracker = open_job_tracker(config, world0, gather=backend.gather, broadcast_object=backend.broadcast_object,

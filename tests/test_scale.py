@@ -183,3 +183,40 @@ def test_interrupting_the_sweep_ends_it_killed(tmp_path):
     assert len(sweep) == 1 and sweep[0].info.status == "KILLED"
     assert len(jobs) == 1 and jobs[0].info.status == "KILLED"  # np=2 never started
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_a_sweep_without_np_1_takes_a_baseline_of_its_jobs_host_type(tmp_path):
+    """The launcher imports no framework, so it cannot know the jobs' accelerator: a stored np=1
+    run of another host type (here one tagged as a GPU job) is no baseline for this sweep's CPU
+    jobs, and the sweep says so instead of dividing by it; a run of the jobs' own type is used."""
+    from hvdkit.tracking import host_type
+
+    uri = sqlite_store(tmp_path)
+    env = worker_env(MLFLOW_TRACKING_URI=uri)
+    res = hvdkit(["run", DIGITS, "-np", "1", "--framework", "torch", *QUICK], cwd=tmp_path, env=env)
+    assert res.returncode == 0, _tail(res)
+    client = MlflowClient(tracking_uri=uri)
+    (one,) = _role(job_runs(client), keys.ROLE_PARENT)
+    cpu_type = one.data.tags[keys.TAG_HOST_TYPE]
+    assert cpu_type == host_type()  # a CPU job: no accelerator in its host type
+    gpu_type = host_type("NVIDIA H100 80GB HBM3")
+    client.set_tag(one.info.run_id, keys.TAG_HOST_TYPE, gpu_type)
+
+    res = hvdkit(["scale", DIGITS, "--np", "2", "--framework", "torch", *QUICK], cwd=tmp_path, env=env)
+    assert res.returncode == 1, _tail(res)
+    assert f"no finished np=1 run of recipe 'digits' on host type {cpu_type!r}" in res.stderr, _tail(res)
+    (sweep,) = _role(job_runs(client), keys.ROLE_SWEEP)
+    assert sweep.info.status == "FAILED"
+    assert keys.SCALING_EFFICIENCY not in client.get_run(sweep.info.run_id).data.metrics
+
+    client.set_tag(one.info.run_id, keys.TAG_HOST_TYPE, cpu_type)
+    res = hvdkit(["scale", DIGITS, "--np", "2", "--framework", "torch", *QUICK], cwd=tmp_path, env=env)
+    assert res.returncode == 0, _tail(res)
+    sweep = next(s for s in _role(job_runs(client), keys.ROLE_SWEEP) if s.info.status == "FINISHED")
+    assert sweep.data.tags[keys.TAG_BASELINE_RUN_ID] == one.info.run_id
+    assert sweep.data.tags[keys.TAG_HOST_TYPE] == cpu_type
+    eff = {m.step: m.value for m in client.get_metric_history(sweep.info.run_id, keys.SCALING_EFFICIENCY)}
+    t1, t2 = run_throughput(client, one.info.run_id), client.get_metric_history(sweep.info.run_id, keys.SAMPLES_PER_SEC)[0].value
+    assert sorted(eff) == [2] and math.isclose(eff[2], t2 / (2 * t1), rel_tol=1e-12)

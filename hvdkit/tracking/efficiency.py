@@ -90,11 +90,13 @@ def find_baseline(
     batch_size: int | str,
     host_type: str,
     run_id: str | None = None,
+    any_accelerator: bool = False,
 ) -> Baseline | None:
     """The np=1 run to divide by: ``run_id`` if given (it must exist and be of ``recipe``), else
     the latest FINISHED parent run of ``experiment_id`` with world size 1 and the same recipe,
     framework, batch size and host type. None when there is none (the caller says so and logs
-    no efficiency)."""
+    no efficiency). ``any_accelerator``: ``host_type`` is this host without an accelerator (a
+    launcher, which imports no framework) and a run of this host with any accelerator matches too."""
     if run_id:
         try:
             run = client.get_run(run_id)
@@ -123,8 +125,12 @@ def find_baseline(
         keys.TAG_RECIPE: recipe,
         keys.TAG_FRAMEWORK: framework,
         keys.TAG_BATCH_SIZE: str(batch_size),
-        keys.TAG_HOST_TYPE: host_type,
     }
+
+    def same_host(tags: Mapping[str, str]) -> bool:
+        got = tags.get(keys.TAG_HOST_TYPE) or ""
+        return got == host_type or (any_accelerator and got.startswith(host_type + "-"))
+
     # Constant parts filter in the store; the user-supplied strings are compared here, so no
     # quoting of recipe names into MLflow's filter language is needed.
     flt = (
@@ -138,7 +144,7 @@ def find_baseline(
         )
         for run in page:
             tags = run.data.tags
-            if all(tags.get(k) == v for k, v in want.items()):
+            if all(tags.get(k) == v for k, v in want.items()) and same_host(tags):
                 t1 = run_throughput(client, run.info.run_id)
                 if t1 is not None and t1 > 0:
                     return Baseline(run.info.run_id, t1, recipe)
