@@ -17,6 +17,7 @@ import click
 
 from hvdkit._files import atomic_write_json
 from hvdkit._ids import experiment_name
+from hvdkit._rank import from_rank_zero, rank_zero
 from hvdkit.errors import HvdkitError
 
 
@@ -59,6 +60,14 @@ def _thread_cpu_s() -> dict[str, float]:
     return out
 
 
+def _first_step_mark(marks: dict):
+    """An ``after_step`` hook that records when the first optimizer step ended (``--summary-json``)."""
+    def after_step(step: int) -> None:
+        if "first_step" not in marks:
+            marks["first_step"] = time.time()
+    return after_step
+
+
 def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> None:
     atomic_write_json(path, {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
                              "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
@@ -87,8 +96,8 @@ def _open_job(recipe, backend, resume, force, track, experiment):
     """The job this process belongs to: rank 0 decides (a new id, ``$HVDKIT_JOB_ID`` from the
     launcher, or the checked ``--resume`` / Slurm-requeue target) and broadcasts it; an error is
     broadcast too, so every rank exits 2 instead of hanging. A collective."""
-    shared = _decide_job(recipe, backend.size, resume, force, track, experiment) if backend.rank == 0 else None
-    return _job_from(backend.broadcast_object(shared))
+    return _job_from(from_rank_zero(backend.rank, backend.broadcast_object, _decide_job, recipe, backend.size, resume,
+                                    force, track, experiment))
 
 
 def _decide_job(recipe, np, resume, force, track, experiment) -> dict:
@@ -244,7 +253,7 @@ def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish
 def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None,
           resume=None, force=False, summary_json=None) -> int:
     from hvdkit.core import load_builtin, print_summary, run_training
-    from hvdkit.tracking import World, open_job_tracker, rank_zero
+    from hvdkit.tracking import World, open_job_tracker
 
     recipe = loaded.recipe
     marks = {"module_imported": _T_IMPORT}
@@ -279,18 +288,15 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
                                                     "hvdkit.batch_size": str(recipe.batch_size)})
         marks["tracker_started"] = time.time()
-        if backend.rank == 0 and tracker.run_id:
-            job.update(parent_run_id=tracker.run_id, runs={**job.manifest.get("runs", {}), **tracker.run_ids()})
-        threads_at_start = _thread_cpu_s() if summary_json and backend.rank == 0 else None
+        if tracker.run_id:  # rank 0 only: the runs exist there
+            rank_zero(backend.rank, job.update, parent_run_id=tracker.run_id,
+                      runs={**job.manifest.get("runs", {}), **tracker.run_ids()})
+        threads_at_start = rank_zero(backend.rank, _thread_cpu_s) if summary_json else None
         progress = rank_zero(backend.rank, lambda: _progress_bar) if recipe.log.progress else None
         if getattr(recipe, "keras_fit", False) and recipe.framework == "tensorflow":
             summary = backend.fit(recipe, tracker, job=job)
         else:
-            after_step = None
-            if summary_json and backend.rank == 0:
-                def after_step(step, marks=marks):
-                    if "first_step" not in marks:
-                        marks["first_step"] = time.time()
+            after_step = rank_zero(backend.rank, _first_step_mark, marks) if summary_json else None
             summary = run_training(backend, recipe, data, tracker, progress=progress, after_step=after_step, job=job)
         marks["train_end"] = time.time()
         threads = {"train_start": threads_at_start, "train_end": _thread_cpu_s()} if threads_at_start else None
@@ -302,10 +308,10 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         status = "KILLED"
         return 130
     finally:
-        end_job(tracker, job if backend.rank == 0 else None, status, summary.steps if summary else 0, previous)
-        if summary_json and status == "FINISHED" and backend.rank == 0:
+        end_job(tracker, rank_zero(backend.rank, lambda: job), status, summary.steps if summary else 0, previous)
+        if summary_json and status == "FINISHED":
             marks["finished"] = time.time()
-            _write_summary_json(summary_json, summary, recipe, backend.size, marks, threads)
+            rank_zero(backend.rank, _write_summary_json, summary_json, summary, recipe, backend.size, marks, threads)
 
 
 def _progress_bar(total: int, initial: int):

@@ -21,6 +21,7 @@ import signal
 from importlib import import_module
 from typing import Any
 
+from hvdkit._rank import from_rank_zero, rank_zero
 from hvdkit.errors import HvdkitError
 
 
@@ -28,7 +29,7 @@ def train_elastic(loaded, backend, data, *, no_track=False, log_every=None, expe
                   parent_run_id=None, resume=None, force=False) -> int:
     from hvdkit.core import print_summary
     from hvdkit.core.elastic import run_elastic_training
-    from hvdkit.tracking import World, open_job_tracker, rank_zero
+    from hvdkit.tracking import World, open_job_tracker
     from hvdkit.tracking._membership import ElasticTracking
     from hvdkit.train import (
         _Killed,
@@ -48,12 +49,15 @@ def train_elastic(loaded, backend, data, *, no_track=False, log_every=None, expe
     # Rank 0 at start is the job's first rank 0 (Horovod never gives rank 0 to a joiner): it
     # decides the job alone; the others learn it at the first sync.
     job_box: dict[str, Any] = {}
-    if start_rank == 0:
+
+    def decide() -> None:
         # An error (e.g. a bad --resume) is raised on every rank at the first sync, not here:
         # rank 0 alone leaving would leave the others to Horovod's elastic timeout.
         job_box["shared"] = _decide_job(recipe, None, resume, force, not no_track, experiment)
         if not job_box["shared"].get("error"):
             job_box["job"] = _job_from(job_box["shared"])
+
+    rank_zero(start_rank, decide)
     job = job_box.get("job")
     config = _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job, backend.accelerator)
     config.baseline_run_id = baseline
@@ -70,16 +74,16 @@ def train_elastic(loaded, backend, data, *, no_track=False, log_every=None, expe
 
     def on_membership(step: int, reason: str) -> None:
         # The job as rank 0 decided it, to every rank (a joiner learns it here).
-        shared = support.broadcast_object(job_box.get("shared") if backend.rank == 0 else None)
+        shared = from_rank_zero(backend.rank, support.broadcast_object, job_box.get, "shared")
         if shared is None:
             raise HvdkitError("rank 0 of this elastic job does not know the job (it joined later)")
         job_box["shared"], job_box["job"] = shared, _job_from(shared)  # raises rank 0's error everywhere
         if tracking is not None:
             tracking.sync(step, reason, backend.rank, backend.size, support.local_rank())
-            if backend.rank == 0 and tracker.run_id and job_box.get("job") is not None:
-                runs = {**job_box["job"].manifest.get("runs", {}), **tracker.run_ids()}
-                job_box["job"].update(parent_run_id=tracker.run_id, runs=runs, elastic=True,
-                                      world_size=backend.size, membership_changes=tracking.changes)
+            if tracker.run_id and job_box.get("job") is not None:
+                rank_zero(backend.rank, job_box["job"].update, parent_run_id=tracker.run_id,
+                          runs={**job_box["job"].manifest.get("runs", {}), **tracker.run_ids()}, elastic=True,
+                          world_size=backend.size, membership_changes=tracking.changes)
 
     previous = {sig: signal.signal(sig, _stop_handler(start_rank)) for sig in (signal.SIGTERM, signal.SIGINT)}
     status, summary = "FAILED", None
@@ -100,8 +104,8 @@ def train_elastic(loaded, backend, data, *, no_track=False, log_every=None, expe
     finally:
         steps = summary.steps if summary else getattr(tracker, "_last_step", 0)
         # Rank 0 now may be a survivor that took over: its job folder is the one broadcast.
-        job_now = job_box.get("job") if backend.rank == 0 and tracker.run_id else None
-        close = (lambda: tracking.close(steps, status)) if tracking is not None and backend.rank == 0 else None
+        job_now = rank_zero(backend.rank, job_box.get, "job") if tracker.run_id else None
+        close = (lambda: rank_zero(backend.rank, tracking.close, steps, status)) if tracking is not None else None
         end_job(tracker, job_now, status, steps, previous, before_finish=close)
 
 

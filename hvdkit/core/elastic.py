@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hvdkit._rank import rank_zero
 from hvdkit.core.data import ArrayDataset
 from hvdkit.core.loop import Backend, Summary, checkpoint_policy
 from hvdkit.core.lr import LRSchedule
@@ -97,6 +98,25 @@ def steps_per_epoch(num_samples: int, batch_size: int, size: int) -> int:
     return num_samples // (batch_size * size)
 
 
+def _load_latest(policy, backend, summary: Summary) -> tuple[int, int]:
+    """Rank 0 of a resumed job: load the newest checkpoint; the (epoch, step) to continue from."""
+    latest = policy.latest()
+    if latest is None:
+        return 0, 0
+    meta = backend.load_checkpoint(latest)
+    summary.resumed_from = str(latest)
+    return meta["epoch"] + 1, meta["step"]
+
+
+def _show_progress(bar_box: list, progress: Callable[[int, int], Any], total: int, step: int) -> None:
+    """Rank 0's progress bar: made on the first entry, its total updated on a re-entry (the world changed)."""
+    if not bar_box:
+        bar_box.append(progress(total, step))
+    else:
+        bar_box[0].total = total
+        bar_box[0].refresh()
+
+
 def run_elastic_training(
     backend: Backend,
     support: ElasticSupport,
@@ -125,15 +145,10 @@ def run_elastic_training(
     current_job = job or (lambda: None)
     policy, first_job = checkpoint_policy(recipe, current_job(), backend.checkpoint_ext)
     summary = Summary()
-    epoch0, step0 = 0, 0
-    if first_job.resumed and backend.rank == 0:
-        # A resumed job (hvdkit run --resume): rank 0 loads before the first sync, which then
-        # broadcasts model, optimizer and position to every rank (no collective out here).
-        latest = policy.latest()
-        if latest is not None:
-            meta = backend.load_checkpoint(latest)
-            epoch0, step0 = meta["epoch"] + 1, meta["step"]
-            summary.resumed_from = str(latest)
+    # A resumed job (hvdkit run --resume): rank 0 loads before the first sync, which then
+    # broadcasts model, optimizer and position to every rank (no collective out here).
+    epoch0, step0 = rank_zero(backend.rank, _load_latest, policy, backend, summary, default=(0, 0)) \
+        if first_job.resumed else (0, 0)
     state = support.state(epoch=epoch0, step=step0, offset=0, done=False)
     t_job = time.perf_counter()
     bar_box: list[Any] = []
@@ -168,13 +183,9 @@ def run_elastic_training(
         total = recipe.steps or (recipe.epochs or 1) * spe  # at this size: the progress bar's estimate
         schedule = LRSchedule(recipe.optimizer.lr, size, recipe.lr_schedule.scale,
                               round(recipe.lr_schedule.warmup_epochs * spe))
-        if progress is not None and rank == 0:
-            if not bar_box:
-                bar_box.append(progress(total, state.step))
-            else:
-                bar_box[0].total = total
-                bar_box[0].refresh()
-        bar = bar_box[0] if bar_box and rank == 0 else None
+        if progress is not None:
+            rank_zero(rank, _show_progress, bar_box, progress, total, state.step)
+        bar = rank_zero(rank, lambda: bar_box[0] if bar_box else None)
         while not finished():
             epoch = state.epoch
             for idx in epoch_batches(n, b, rank, size, recipe.seed, epoch, state.offset):
@@ -202,8 +213,10 @@ def run_elastic_training(
             if recipe.eval.enabled and (last_epoch or (epoch_done and (epoch + 1) % recipe.eval.every_epochs == 0)):
                 summary.val_metrics = backend.evaluate()
                 tracker.log_metrics(summary.val_metrics, state.step)
-            if policy.enabled and rank == 0 and (last_epoch or (epoch_done and policy.due(epoch, -1))):
-                summary.checkpoint = str(policy.save(backend, epoch, {"epoch": epoch, "step": state.step, "recipe": recipe.name}))
+            if policy.enabled and (last_epoch or (epoch_done and policy.due(epoch, -1))):
+                meta = {"epoch": epoch, "step": state.step, "recipe": recipe.name}
+                summary.checkpoint = rank_zero(rank, lambda: str(policy.save(backend, epoch, meta)),
+                                               default=summary.checkpoint)
             if epoch_done:
                 state.epoch, state.offset = epoch + 1, 0
                 summary.epochs = state.epoch

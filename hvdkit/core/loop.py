@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hvdkit._rank import from_rank_zero, rank_zero
 from hvdkit.core.checkpoint import CheckpointPolicy
 from hvdkit.core.data import ArrayDataset
 from hvdkit.core.job import JobFolder
@@ -99,13 +100,12 @@ def resume(backend: Backend, policy: CheckpointPolicy, job: JobFolder, summary: 
     Returns (resumed, first epoch to run, optimizer steps already done). The caller still
     broadcasts the model/optimizer state itself (``broadcast_state`` or a Keras callback).
     """
-    latest = policy.latest() if job.resumed and backend.rank == 0 else None
-    resumed = bool(backend.broadcast_object(latest is not None if backend.rank == 0 else None))
-    if not resumed:
+    rank = backend.rank
+    latest = rank_zero(rank, policy.latest) if job.resumed else None
+    if not from_rank_zero(rank, backend.broadcast_object, lambda: latest is not None):
         return False, 0, 0
-    meta = backend.load_checkpoint(latest) if backend.rank == 0 else None
-    meta = backend.broadcast_object(meta)
-    summary.resumed_from = str(latest) if backend.rank == 0 else None
+    meta = from_rank_zero(rank, backend.broadcast_object, backend.load_checkpoint, latest)
+    summary.resumed_from = rank_zero(rank, str, latest)
     return True, meta["epoch"] + 1, meta["step"]
 
 
@@ -156,8 +156,9 @@ def run_training(
         if recipe.eval.enabled and ((epoch + 1) % recipe.eval.every_epochs == 0 or epoch == epochs - 1):
             summary.val_metrics = backend.evaluate()
             tracker.log_metrics(summary.val_metrics, step)
-        if policy.due(epoch, epochs - 1) and rank == 0:
-            summary.checkpoint = str(policy.save(backend, epoch, {"epoch": epoch, "step": step, "recipe": recipe.name}))
+        if policy.due(epoch, epochs - 1):
+            meta = {"epoch": epoch, "step": step, "recipe": recipe.name}
+            summary.checkpoint = rank_zero(rank, lambda: str(policy.save(backend, epoch, meta)), default=summary.checkpoint)
         summary.epochs = epoch + 1
         if step >= total_steps:
             break

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from hvdkit._frameworks import require
+from hvdkit._rank import rank_zero
 from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps, resume
 from hvdkit.core.job import JobFolder
 from hvdkit.core.loop import checkpoint_policy
@@ -260,9 +261,10 @@ class _Progress(keras.callbacks.Callback):
             if self.tracker is not None:
                 self.tracker.log_metrics(self.val_metrics, self.step)
         done = self.step >= self.total_steps
-        if self.policy.due(epoch, epoch if done else last) and self.backend.rank == 0:
+        if self.policy.due(epoch, epoch if done else last):
             meta = {"epoch": epoch, "step": self.step, "recipe": self.recipe.name}
-            self.checkpoint = str(self.policy.save(self.backend, epoch, meta))
+            self.checkpoint = rank_zero(self.backend.rank, lambda: str(self.policy.save(self.backend, epoch, meta)),
+                                        default=self.checkpoint)
         self.epochs_done = epoch + 1
 
     def on_train_end(self, logs=None) -> None:

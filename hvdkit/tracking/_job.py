@@ -44,7 +44,7 @@ def open_job_tracker(
     # A launcher (hvdkit run / scale) names the job itself, so that after the workers exit it can
     # find the job's runs by their job_id tag and correct a status they could not know (a rank
     # SIGTERMed by horovodrun because a peer failed records KILLED; the job FAILED).
-    job_id = (config.job_id or os.environ.get(keys.ENV_JOB_ID) or new_job_id()) if world.rank == 0 else None
+    job_id = rank_zero(world.rank, lambda: config.job_id or os.environ.get(keys.ENV_JOB_ID) or new_job_id())
 
     def make_writer() -> SpoolWriter:
         # A resumed job writes a spool of its own (<job id>.r<n>) next to the first one's.

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from hvdkit._rank import from_rank_zero, rank_zero
 from hvdkit.errors import TrackingError
 from hvdkit.tracking import keys
 from hvdkit.tracking._spool import now_ms
@@ -201,7 +202,7 @@ class ElasticTracking:
             raise TrackingError(f"membership gather returned {len(workers)} rows for {size} ranks", fix="report this as a bug")
         hostnames = [w.host for w in workers]
         world = World(rank=rank, size=size, local_rank=local_rank, local_size=hostnames.count(self.host), hostnames=hostnames)
-        payload = self._broadcast(self._plan(step, reason, workers) if rank == 0 else None)
+        payload = from_rank_zero(rank, self._broadcast, self._plan, step, reason, workers)
         if payload.get("error"):
             raise TrackingError(payload["error"])
         tracker = self.tracker
@@ -210,8 +211,7 @@ class ElasticTracking:
             tracker.start(self._params, self._tags)  # a collective: creates the runs on rank 0
             self.record = initial_record(workers, step, tracker.run_id, tracker.job_id, _sampling(tracker), now_ms())
             self._begin_epoch(step)
-            if rank == 0:
-                self._emit_start(step)
+            rank_zero(rank, self._emit_start, step)
             return
         record = payload["record"]
         if tracker.run_id is None:  # a joiner: the runs exist, rank 0 writes them
@@ -222,8 +222,8 @@ class ElasticTracking:
         change = payload.get("change")
         if change is not None:
             self._begin_epoch(step)
-        if rank == 0 and change is not None:
-            self._emit_change(change)
+        if change is not None:
+            rank_zero(rank, self._emit_change, change)
 
     def _plan(self, step: int, reason: str, workers: list[Worker]) -> dict[str, Any]:
         """Rank 0: what every rank adopts (broadcast by the caller). Never raises: an error is

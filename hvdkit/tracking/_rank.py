@@ -1,4 +1,5 @@
-"""Rank gating in one place (the role of Lightning's ``rank_zero_only``).
+"""What tracking adds to rank gating (``hvdkit._rank``, re-exported here): the stand-in writer of
+the ranks that do not write, and the order in which ranks leave on a stop signal.
 
 Only rank 0 talks to MLflow (and prints summaries); every other rank gets a stand-in with the
 same interface. Callers therefore never branch on the rank nor test for None, and collectives
@@ -7,34 +8,9 @@ same interface. Callers therefore never branch on the rank nor test for None, an
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
+from hvdkit._rank import from_rank_zero, rank_zero, rank_zero_only
 
-T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def rank_zero(rank: int, fn: Callable[..., T], *args: Any, default: T | None = None, **kwargs: Any) -> T | None:
-    """``fn(*args, **kwargs)`` on rank 0; ``default`` elsewhere (pass a no-op object with the
-    same interface, e.g. ``NullWriter()``, to spare callers a None check)."""
-    return fn(*args, **kwargs) if rank == 0 else default
-
-
-def rank_zero_only(rank: int) -> Callable[[F], F]:
-    """Decorator: the function runs on rank 0 and returns None elsewhere."""
-
-    def deco(fn: F) -> F:
-        if rank == 0:
-            return fn
-
-        @functools.wraps(fn)
-        def noop(*args: Any, **kwargs: Any) -> None:
-            return None
-
-        return noop  # type: ignore[return-value]
-
-    return deco
+__all__ = ["PEER_EXIT_DELAY_S", "NullWriter", "from_rank_zero", "rank_zero", "rank_zero_only", "stagger_peer_exit"]
 
 
 # How long a rank other than 0 lingers after a stop signal before it exits.

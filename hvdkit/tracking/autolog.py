@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hvdkit._ids import experiment_name
+from hvdkit._rank import rank_zero
 from hvdkit.errors import FrameworkMissingError, HvdkitError, UsageError
 from hvdkit.tracking import keys
 from hvdkit.tracking._rank import stagger_peer_exit
@@ -328,9 +329,9 @@ def autolog(
         adapter.install(session)
         session.install_exit_hooks()
         _active = session
-        if adapter.rank == 0 and tracker.run_id:
-            print(f"hvdkit.autolog: run {tracker.run_id} (experiment {experiment!r}, job {tracker.job_id})",
-                  file=sys.stderr, flush=True)
+        if tracker.run_id:
+            rank_zero(adapter.rank, print, f"hvdkit.autolog: run {tracker.run_id} (experiment {experiment!r}, "
+                      f"job {tracker.job_id})", file=sys.stderr, flush=True)
         return session
 
 
