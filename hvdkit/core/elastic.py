@@ -32,7 +32,7 @@ import numpy as np
 
 from hvdkit._rank import rank_zero
 from hvdkit.core.data import ArrayDataset
-from hvdkit.core.loop import Backend, Summary, checkpoint_policy
+from hvdkit.core.loop import Backend, Summary, checkpoint_policy, reduce_summary
 from hvdkit.core.lr import LRSchedule
 from hvdkit.recipe import Recipe
 
@@ -228,12 +228,7 @@ def run_elastic_training(
             bar_box.clear()
         if on_finish is not None:
             on_finish(state.step)
-        elapsed = time.perf_counter() - clock["t0"]
-        rate = clock["samples"] / elapsed if elapsed > 0 else 0.0
-        loss = clock["loss"]
-        totals = backend.allreduce_sum(np.array([rate, loss if math.isfinite(loss) else 0.0], dtype=np.float64))
-        summary.samples_per_sec = float(totals[0])
-        summary.loss = float(totals[1] / size) if math.isfinite(loss) else math.nan
+        reduce_summary(backend, summary, clock["samples"], time.perf_counter() - clock["t0"], clock["loss"])
         summary.steps = state.step
         summary.epochs = max(summary.epochs, state.epoch)
         summary.seconds = time.perf_counter() - t_job

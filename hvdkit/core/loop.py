@@ -165,12 +165,21 @@ def run_training(
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_train
-    # Measured total throughput: each rank's own rate, summed (not rank 0's rate × N).
-    rate = samples_done / elapsed if elapsed > 0 else 0.0
-    totals = backend.allreduce_sum(np.array([rate, loss if math.isfinite(loss) else 0.0], dtype=np.float64))
-    summary.samples_per_sec = float(totals[0])
-    summary.loss = float(totals[1] / size) if samples_done else math.nan  # nothing trained (resumed at the end)
+    reduce_summary(backend, summary, samples_done, elapsed, loss)
     summary.steps, summary.seconds = step, elapsed
+    return summary
+
+
+def reduce_summary(backend: Backend, summary: Summary, samples: int, elapsed: float, loss: float) -> Summary:
+    """The closing numbers, computed the same way by every training path (the loop, the elastic
+    loop, Keras ``fit``); a collective. Throughput is measured: each rank's own rate, summed (not
+    rank 0's rate × N). The loss is the ranks' mean of their last one; NaN when this rank trained
+    nothing (resumed at the end) or its loss is not finite."""
+    rate = samples / elapsed if elapsed > 0 else 0.0
+    finite = bool(samples) and math.isfinite(loss)
+    totals = backend.allreduce_sum(np.array([rate, loss if finite else 0.0], dtype=np.float64))
+    summary.samples_per_sec = float(totals[0])
+    summary.loss = float(totals[1] / backend.size) if finite else math.nan
     return summary
 
 

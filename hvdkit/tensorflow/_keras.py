@@ -29,7 +29,7 @@ from hvdkit._frameworks import require
 from hvdkit._rank import rank_zero
 from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps, resume
 from hvdkit.core.job import JobFolder
-from hvdkit.core.loop import checkpoint_policy
+from hvdkit.core.loop import checkpoint_policy, reduce_summary
 from hvdkit.errors import RecipeError
 from hvdkit.recipe import Recipe
 
@@ -346,11 +346,7 @@ def fit_with_horovod(
         bar.close()
 
     elapsed = tracked.t_end - tracked.t_start if tracked.samples else 0.0
-    rate = tracked.samples / elapsed if elapsed > 0 else 0.0
-    loss = tracked.loss
-    totals = backend.allreduce_sum(np.array([rate, loss if math.isfinite(loss) else 0.0], dtype=np.float64))
-    summary.samples_per_sec = float(totals[0])
-    summary.loss = float(totals[1] / size)
+    reduce_summary(backend, summary, tracked.samples, elapsed, tracked.loss)
     summary.val_metrics = tracked.val_metrics
     summary.epochs = max(tracked.epochs_done, start_epoch)
     summary.steps, summary.seconds = tracked.step, elapsed
