@@ -51,7 +51,7 @@ demo: setup
 MLFLOW_OLDEST := $(shell grep -o '"mlflow>=[0-9.]*' pyproject.toml | head -1 | cut -d= -f2)
 OLDEST_VENV ?= .venv-mlflow-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.hvdkit-installed
-TRACKING_TESTS ?= tests/test_tracking_*.py tests/test_autolog.py tests/test_server.py tests/test_resume.py tests/test_layers.py
+TRACKING_TESTS ?= tests/test_tracking_*.py tests/test_autolog.py tests/test_framework_autolog_plugins.py tests/test_server.py tests/test_resume.py
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
