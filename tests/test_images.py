@@ -57,6 +57,18 @@ class Built:
     rebuild_s: float
 
 
+# Each build leaves the previous image and its build stage untagged (~8 GB together). They are the
+# layer cache of the next build, so they stay while the disk has room; below this much free space
+# they go first (a full disk fails the build midway: seen on a CI machine after eight builds).
+MIN_FREE_GB = 30
+
+
+def _make_room() -> None:
+    graph_root = podman("info", "--format", "{{.Store.GraphRoot}}").stdout.strip() or "/var/lib/containers"
+    if shutil.disk_usage(graph_root).free < MIN_FREE_GB * 2**30:
+        podman("image", "prune", "--force", check=False)
+
+
 @pytest.fixture(scope="session")
 def built() -> Built:
     if os.geteuid() != 0:
@@ -64,6 +76,7 @@ def built() -> Built:
     res = subprocess.run(["bash", str(REPO / ".ci" / "podman")], capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     base = res.stdout.strip().splitlines()[-1]
+    _make_room()
     args = ["build", "--format", "docker", "-f", "docker/Dockerfile.cpu", "-t", IMAGE, "--build-arg", f"BASE={base}"]
     if (LOCAL_WHEELS / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").exists():
         # PyTorch's CPU wheel index is not reachable here; the same CPU wheel lies in /opt/wheels.
