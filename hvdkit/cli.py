@@ -206,8 +206,7 @@ def run(recipe, np_, framework, no_track, log_every, experiment, baseline, resum
         train_args += ["--resume", job.job_id, *(["--force"] if force else [])]
     if summary_json:
         train_args += ["--summary-json", os.path.abspath(summary_json)]  # the ranks may start elsewhere
-    from hvdkit.launch.job import launch_job
-    from hvdkit.scale import check_baseline
+    from hvdkit.launch.job import check_baseline, launch_job
 
     if baseline and not no_track:
         check_baseline(baseline, loaded.recipe.name)  # a typo costs one line and exit 2, not a job start

@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,44 +21,11 @@ from typing import Any
 from hvdkit._ids import experiment_name, new_job_id
 from hvdkit.errors import LaunchError, TrackingError, UsageError
 from hvdkit.core.job import JobFolder
-from hvdkit.launch.job import JobOutcome, launch_job
+from hvdkit.launch.job import launch_job
 from hvdkit.tracking import keys
 from hvdkit.tracking._resume import job_runs
 
 TAG_SWEEP_NP = "hvdkit.sweep_np"  # the sweep's rank counts, e.g. "1,2,4" (sweep run)
-
-
-def check_baseline(run_id: str, recipe_name: str, *, tracking_uri: str | None = None, timeout: float = 15.0) -> None:
-    """Before any worker starts: ``--baseline`` must name an np=1 parent run of the same recipe
-    with a throughput history (else TrackingError, exit 2, and nothing is created). A store that
-    does not answer is not the user's typo: the job starts, and spools."""
-    from mlflow import MlflowClient
-
-    from hvdkit.tracking._uri import resolve_tracking_uri
-    from hvdkit.tracking.efficiency import find_baseline
-
-    def lookup():
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-        return find_baseline(client, "", recipe_name, "", "", "", run_id=run_id)
-
-    box: list[BaseException | None] = []
-
-    def target() -> None:
-        try:
-            lookup()
-            box.append(None)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below when it is the user's error
-            box.append(exc)
-
-    t = threading.Thread(target=target, name="hvdkit-baseline", daemon=True)
-    t.start()
-    t.join(timeout)
-    if box and isinstance(box[0], TrackingError):
-        raise box[0]
-    if not box or box[0] is not None:
-        why = "no answer" if not box else f"{type(box[0]).__name__}: {box[0]}"
-        print(f"hvdkit: cannot check --baseline {run_id} now ({why}); the job starts anyway",
-              file=sys.stderr, flush=True)
 
 
 # -- the sweep -------------------------------------------------------------------------------
@@ -307,11 +273,8 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
 
 
 __all__ = [
-    "JobOutcome",
     "SweepResult",
     "SweepRow",
-    "check_baseline",
-    "launch_job",
     "parse_np_list",
     "print_table",
     "run_sweep",

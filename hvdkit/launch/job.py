@@ -19,6 +19,7 @@ from typing import Any
 
 from hvdkit._ids import experiment_name, new_job_id
 from hvdkit.core.job import JobFolder
+from hvdkit.errors import TrackingError
 from hvdkit.launch import run_forwarding
 from hvdkit.tracking import keys
 from hvdkit.tracking._resume import job_runs
@@ -37,28 +38,43 @@ class JobOutcome:
     settled: tuple[str, ...] = ()  # run ids whose status the launcher corrected
 
 
-def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
-    """``fn()`` on a daemon thread; None if it takes longer than ``timeout`` (MLflow's HTTP client
-    retries a dead server for minutes) or raises."""
+_NO_ANSWER = object()
+
+
+def _bounded(fn: Callable[[], Any], timeout: float, name: str) -> Any:
+    """``fn()`` on a daemon thread: its result, the exception it raised, or ``_NO_ANSWER`` when it
+    takes longer than ``timeout`` (MLflow's HTTP client retries a dead server for minutes)."""
     box: list[Any] = []
 
     def target() -> None:
         try:
             box.append(fn())
-        except Exception as exc:  # noqa: BLE001 - reported below, never fatal to the launcher
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, never fatal to the launcher
             box.append(exc)
 
-    t = threading.Thread(target=target, name="hvdkit-settle", daemon=True)
+    t = threading.Thread(target=target, name=name, daemon=True)
     t.start()
     t.join(timeout)
-    if not box:
-        print(f"hvdkit: the MLflow store did not answer within {timeout:.0f}s; run statuses left as recorded",
+    return box[0] if box else _NO_ANSWER
+
+
+def check_baseline(run_id: str, recipe_name: str, *, tracking_uri: str | None = None, timeout: float = 15.0) -> None:
+    """Before any worker starts: ``--baseline`` must name an np=1 parent run of the same recipe
+    with a throughput history (else TrackingError, exit 2, and nothing is created). A store that
+    does not answer is not the user's typo: the job starts, and spools."""
+    from mlflow import MlflowClient
+
+    from hvdkit.tracking._uri import resolve_tracking_uri
+    from hvdkit.tracking.efficiency import find_baseline
+
+    got = _bounded(lambda: find_baseline(MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)), "",
+                                         recipe_name, "", "", "", run_id=run_id), timeout, "hvdkit-baseline")
+    if isinstance(got, TrackingError):
+        raise got
+    if got is _NO_ANSWER or isinstance(got, Exception):
+        why = "no answer" if got is _NO_ANSWER else f"{type(got).__name__}: {got}"
+        print(f"hvdkit: cannot check --baseline {run_id} now ({why}); the job starts anyway",
               file=sys.stderr, flush=True)
-        return None
-    if isinstance(box[0], Exception):
-        print(f"hvdkit: could not settle run statuses ({box[0]})", file=sys.stderr, flush=True)
-        return None
-    return box[0]
 
 
 def settle_job_status(job_id: str, status: str, *, experiment: str | None = None, tracking_uri: str | None = None,
@@ -82,7 +98,15 @@ def settle_job_status(job_id: str, status: str, *, experiment: str | None = None
                 changed.append(run.info.run_id)
         return tuple(changed)
 
-    return _with_timeout(settle, timeout) or ()
+    got = _bounded(settle, timeout, "hvdkit-settle")
+    if got is _NO_ANSWER:
+        print(f"hvdkit: the MLflow store did not answer within {timeout:.0f}s; run statuses left as recorded",
+              file=sys.stderr, flush=True)
+        return ()
+    if isinstance(got, Exception):
+        print(f"hvdkit: could not settle run statuses ({got})", file=sys.stderr, flush=True)
+        return ()
+    return got
 
 
 def launch_job(cmd: Sequence[str], env: dict[str, str], *, track: bool = True, experiment: str | None = None,
@@ -106,4 +130,4 @@ def launch_job(cmd: Sequence[str], env: dict[str, str], *, track: bool = True, e
     return JobOutcome(rc=rc, job_id=job_id, signal=sig, status=status, settled=settled)
 
 
-__all__ = ["SETTLE_TIMEOUT_S", "JobOutcome", "launch_job", "settle_job_status"]
+__all__ = ["SETTLE_TIMEOUT_S", "JobOutcome", "check_baseline", "launch_job", "settle_job_status"]
