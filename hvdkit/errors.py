@@ -32,6 +32,10 @@ class RecipeError(UsageError):
     """A recipe file or override that does not validate."""
 
 
+class ParallelError(RecipeError):
+    """A model-parallel layout that cannot split this job or this model (``parallel.model``)."""
+
+
 class LaunchError(UsageError):
     """A launch that cannot work (hosts, slots, controller, framework not built in)."""
 
@@ -66,6 +70,7 @@ __all__ = [
     "FrameworkMissingError",
     "HvdkitError",
     "LaunchError",
+    "ParallelError",
     "PatchError",
     "RecipeError",
     "TrackingError",
