@@ -69,6 +69,10 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> Recipe:
             parent = _model_at(err["loc"][:-1])
             valid = ", ".join(parent.model_fields) if parent else "?"
             raise RecipeError(f"{where}: unknown field {field!r}", fix=f"valid fields here: {valid}") from None
+        if not err["loc"] and err["type"] == "value_error":
+            # A rule across fields (Recipe's own validators): its message names the values and the fix.
+            problem, _, fix = msg.removeprefix("Value error, ").partition(" — fix: ")
+            raise RecipeError(f"{where}: {problem}", fix=fix or "see the recipe reference in the README") from None
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise RecipeError(f"{where}: {field}: {msg} (got {got!r}){more}", fix=f"set a valid {field} in the recipe or with {field}=VALUE") from None
 

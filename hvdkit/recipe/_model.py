@@ -86,6 +86,12 @@ class LogSpec(_Strict):
     per_rank_runs: bool | PositiveInt = True
 
 
+class ParallelSpec(_Strict):
+    # Ranks that split one model copy between them (tensor model parallelism, docs/parallelism.md);
+    # the np ranks form np / model data-parallel copies. 1: plain data parallelism.
+    model: PositiveInt = Field(1, description="ranks per model copy; np must be a multiple")
+
+
 class Recipe(_Strict):
     name: str = Field(..., min_length=1)
     framework: Framework = "torch"
@@ -97,6 +103,7 @@ class Recipe(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     lr_schedule: LRSpec = Field(default_factory=LRSpec)
     horovod: HorovodSpec = Field(default_factory=HorovodSpec)
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     seed: int = 42
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -109,4 +116,13 @@ class Recipe(_Strict):
     def _custom_needs_python(self) -> "Recipe":
         if (self.model.name == "custom" or self.data.name == "custom") and not self.python:
             raise ValueError("model/data 'custom' is only valid in a Python recipe (a class with build_model/build_data)")
+        return self
+
+    @model_validator(mode="after")
+    def _split_model_is_splittable(self) -> "Recipe":
+        if self.parallel.model > 1 and self.model.name in ("cnn", "resnet"):
+            raise ValueError(
+                f"parallel.model={self.parallel.model}: the built-in model {self.model.name!r} cannot be split "
+                "(only the MLP has tensor-parallel layers) — fix: use model.name: mlp, a Python recipe's own model, "
+                "or parallel.model: 1")
         return self
