@@ -120,6 +120,19 @@ def _elastic_options(f):
     return f
 
 
+def _check_layout(loaded, np_: int, elastic: dict) -> None:
+    """parallel.model against -np, elastic and the model: one line, exit 2, before anything starts."""
+    from hvdkit.core._layout import check_recipe_layout
+
+    check_recipe_layout(loaded.recipe, np_, elastic=any(elastic.values()), custom_model=_custom_model(loaded))
+
+
+def _custom_model(loaded) -> bool:
+    from hvdkit.recipe._python import PythonRecipe
+
+    return loaded.python is not None and type(loaded.python).build_model is not PythonRecipe.build_model
+
+
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("recipe")
 @_launch_options
@@ -173,11 +186,13 @@ def run(recipe, np_, framework, no_track, log_every, experiment, baseline, resum
         plan = resolve_resume(spec, loaded.recipe, np=np_, force=force, run_lookup=None if no_track else job_of_run)
         job = plan.folder
         np_ = np_ if np_ is not None else plan.np or default_np
+        _check_layout(loaded, np_, elastic)
         if not no_track:
             replay_earlier_spools(job.job_id)  # the runs to reopen must be in the store first
         click.echo(f"hvdkit: resuming job {job.job_id} (resume {int(job.manifest.get('resumes') or 0) + 1})", err=True)
     else:
         np_ = np_ if np_ is not None else default_np
+        _check_layout(loaded, np_, elastic)
         if launcher == "srun":
             S.layout(alloc, np_)  # -np larger than the allocation: refused before a job id is taken
         job = JobFolder.for_recipe(loaded.recipe.checkpoint.dir, new_job_id(loaded.recipe.checkpoint.dir))

@@ -134,6 +134,12 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
     host_slots = L.resolve_hosts(replace(opts, np=max(nps)))
     L.check_framework_built(recipe.framework)
     L.check_ssh(host_slots, opts)
+    from hvdkit.core._layout import check_recipe_layout
+    from hvdkit.recipe._python import PythonRecipe
+
+    custom = loaded.python is not None and type(loaded.python).build_model is not PythonRecipe.build_model
+    for n in nps:  # parallel.model must divide every N of the sweep: one line, exit 2, nothing started
+        check_recipe_layout(recipe, n, custom_model=custom)
     # One store and one experiment for the sweep and every job: the jobs get both explicitly, so
     # neither the workers' cwd nor their environment can send a job elsewhere (a job nested under
     # a run of another experiment would not show under it in the UI).

@@ -110,6 +110,41 @@ class ParallelLayout:
         return [g for g in self.model_groups() + self.data_groups() if len(g) < self.size]
 
 
+def check_recipe_layout(recipe: Any, np: int | None, *, elastic: bool = False, custom_model: bool = False) -> ParallelLayout | None:
+    """Refuse, before any worker starts, a ``parallel.model`` this job or this model cannot use.
+
+    ``np`` is the job's rank count (None: not known yet, only the model is checked). Returns the
+    layout, or None when ``parallel.model`` is 1 (nothing is split, nothing to check). Checks:
+    ``np`` a multiple of ``parallel.model``; not elastic (a layout is fixed at start, a membership
+    change would break every model group); a model hvdkit can split (the built-in MLP, whose
+    column-parallel widths ``model.hidden[0], [2], ...`` must each split evenly, see
+    ``hvdkit.torch._tensor_parallel.TensorParallelMLP``).
+    """
+    model = recipe.parallel.model
+    if model == 1:
+        return None
+    if model < 1:
+        raise ParallelError(f"parallel.model={model} is not a positive number of ranks",
+                            fix="set parallel.model to 1 (no model parallelism) or more")
+    if elastic:
+        raise ParallelError(f"parallel.model={model} in an elastic job: model groups are fixed when the job starts "
+                            "and a host leaving would break one", fix="run without --elastic/--min-np/--max-np, or set parallel.model=1")
+    name = recipe.model.name
+    if custom_model:
+        raise ParallelError(f"parallel.model={model}: this Python recipe builds its own model (build_model), "
+                            "which hvdkit cannot split yet", fix="set parallel.model=1, or drop build_model and use model.name=mlp")
+    if name != "mlp":
+        raise ParallelError(f"parallel.model={model}: model {name!r} has no tensor-parallel version in hvdkit",
+                            fix="use model.name=mlp (the built-in MLP splits its hidden layers), or parallel.model=1")
+    hidden = list(recipe.model.hidden)
+    # Linear j of [in, *hidden, out] is column-parallel when j is even and not the last one: its
+    # output width hidden[j] is split (the row-parallel linear after it takes the same split).
+    for j in range(0, len(hidden), 2):
+        check_divides(hidden[j], model, f"model.hidden[{j}] (hidden layer {j + 1} of the MLP)")
+    layout = ParallelLayout(np, model) if np is not None else None
+    return layout
+
+
 # One registration per (Horovod layer, layout) and process: Horovod refuses a set registered twice.
 _REGISTERED: dict[tuple[str, int, int], tuple[Any, Any]] = {}
 
@@ -158,4 +193,4 @@ def make_process_sets(hvd: Any, layout: ParallelLayout) -> tuple[Any, Any]:
     return model_set, data_set
 
 
-__all__ = ["ParallelLayout", "check_divides", "make_process_sets"]
+__all__ = ["ParallelLayout", "check_divides", "check_recipe_layout", "make_process_sets"]

@@ -7,6 +7,7 @@ checkpoints, logging, progress, summary) lives here and so behaves the same on b
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -120,9 +121,12 @@ def run_training(
     job: JobFolder | None = None,
 ) -> Summary:
     rank, size = backend.rank, backend.size
-    batches = ShardedBatches(len(data.x_train), recipe.batch_size, rank, size, recipe.seed)
+    # A split model (parallel.model > 1): the members of a model group train on the same batch;
+    # the batches are sharded over the model copies, and the LR scales with their number.
+    data_rank, data_size = data_shard(backend)
+    batches = ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed)
     epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
-    schedule = LRSchedule(recipe.optimizer.lr, size, recipe.lr_schedule.scale,
+    schedule = LRSchedule(recipe.optimizer.lr, data_size, recipe.lr_schedule.scale,
                           round(recipe.lr_schedule.warmup_epochs * batches.steps_per_epoch))
     policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
     summary = Summary()
@@ -131,6 +135,8 @@ def run_training(
     # Broadcast initial state from rank 0 so all replicas start identical (random init or resumed).
     backend.broadcast_state(resumed)
 
+    layer_kw = _accepts(tracker.record_step, "layer_comm_s")
+    layer_t = getattr(backend, "layer_comm_s", 0.0)
     bar = progress(total_steps, step) if progress else None
     t_train, samples_done, loss = time.perf_counter(), 0, math.nan
     for epoch in range(start_epoch, epochs):
@@ -146,7 +152,12 @@ def run_training(
             t2 = time.perf_counter()
             step += 1
             samples_done += len(idx)
-            tracker.record_step(step, samples=len(idx), step_time_s=t2 - t1, data_time_s=t1 - t0, comm_wait_s=comm_wait, loss=loss)
+            more = {}
+            if layer_kw:
+                now = getattr(backend, "layer_comm_s", 0.0)
+                more["layer_comm_s"], layer_t = now - layer_t, now
+            tracker.record_step(step, samples=len(idx), step_time_s=t2 - t1, data_time_s=t1 - t0, comm_wait_s=comm_wait, loss=loss,
+                                **more)
             if bar is not None:
                 bar.update(1)
                 if step % recipe.log.every_steps == 0:
@@ -158,6 +169,7 @@ def run_training(
             tracker.log_metrics(summary.val_metrics, step)
         if policy.due(epoch, epochs - 1):
             meta = {"epoch": epoch, "step": step, "recipe": recipe.name}
+            prepare_checkpoint(backend)
             summary.checkpoint = rank_zero(rank, lambda: str(policy.save(backend, epoch, meta)), default=summary.checkpoint)
         summary.epochs = epoch + 1
         if step >= total_steps:
@@ -170,12 +182,39 @@ def run_training(
     return summary
 
 
+def data_shard(backend: Backend) -> tuple[int, int]:
+    """(this rank's model copy, number of copies): (rank, size) unless the backend splits its model."""
+    layout = getattr(backend, "layout", None)
+    if layout is None or layout.model == 1:
+        return backend.rank, backend.size
+    return layout.data_rank(backend.rank), layout.data
+
+
+def prepare_checkpoint(backend: Backend) -> None:
+    """Every rank, before rank 0 saves: a backend with a split model gathers the unsplit state (a
+    collective). Optional: a backend without ``prepare_checkpoint`` (TensorFlow, for now) skips it."""
+    prepare = getattr(backend, "prepare_checkpoint", None)
+    if prepare is not None:
+        prepare()
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def reduce_summary(backend: Backend, summary: Summary, samples: int, elapsed: float, loss: float) -> Summary:
     """The closing numbers, computed the same way by every training path (the loop, the elastic
     loop, Keras ``fit``); a collective. Throughput is measured: each rank's own rate, summed (not
     rank 0's rate × N). The loss is the ranks' mean of their last one; NaN when this rank trained
     nothing (resumed at the end) or its loss is not finite."""
     rate = samples / elapsed if elapsed > 0 else 0.0
+    layout = getattr(backend, "layout", None)
+    if layout is not None and layout.model > 1:
+        rate /= layout.model  # a model group's members train on the same samples: count them once
     finite = bool(samples) and math.isfinite(loss)
     totals = backend.allreduce_sum(np.array([rate, loss if finite else 0.0], dtype=np.float64))
     summary.samples_per_sec = float(totals[0])

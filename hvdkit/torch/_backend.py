@@ -12,11 +12,14 @@ import numpy as np
 
 from hvdkit._frameworks import require
 from hvdkit.core import ArrayDataset, apply_horovod_knobs, atomic_write, shard_eval
+from hvdkit.core._layout import ParallelLayout
+from hvdkit.errors import ParallelError
 from hvdkit.recipe import Recipe
 
 torch, hvd = require("torch")
 
 from hvdkit.torch import _models  # noqa: E402  (needs torch, imported just above)
+from hvdkit.torch import _tensor_parallel as tp  # noqa: E402
 from hvdkit.torch._accelerator import accelerator_name, model_device  # noqa: E402
 
 
@@ -33,18 +36,51 @@ class TorchBackend:
 
     def __init__(self, recipe: Recipe, data: ArrayDataset, model: "torch.nn.Module | None" = None) -> None:
         apply_horovod_knobs(recipe)  # the recipe's cycle time / fusion threshold, unless set
-        hvd.init()  # joins the job horovodrun started (Gloo or MPI)
+        split = recipe.parallel.model > 1
+        self.model_set = self.data_set = None
+        if split:
+            if os.environ.get("HOROVOD_ELASTIC") == "1":
+                raise ParallelError(f"parallel.model={recipe.parallel.model} in an elastic job",
+                                    fix="run without elastic options, or set parallel.model=1")
+            if model is not None:
+                raise ParallelError(f"parallel.model={recipe.parallel.model}: a Python recipe's own model cannot be split yet",
+                                    fix="set parallel.model=1, or use model.name=mlp")
+            # The process sets are registered by hvd.init itself (Horovod 0.28's static sets):
+            # the layout needs the job's size before init, from the launcher.
+            size = _launcher_size()
+            self.layout = ParallelLayout(size, recipe.parallel.model)
+            self.model_set, self.data_set = tp.make_process_sets(self.layout)  # calls hvd.init(process_sets=...)
+        else:
+            hvd.init()  # joins the job horovodrun started (Gloo or MPI)
         self.rank, self.size = hvd.rank(), hvd.size()
+        if not split:
+            self.layout = ParallelLayout(self.size, 1)
+        self.split = split
+        # Members of a model group see the same samples: data shards are per model copy.
+        self.data_rank, self.data_size = self.layout.data_rank(self.rank), self.layout.data
         if recipe.threads:
             torch.set_num_threads(recipe.threads)  # one compute thread per rank unless told otherwise
         torch.manual_seed(recipe.seed)
         # Whole arrays become tensors once (NHWC -> NCHW); a batch is then one index op.
         self.x = torch.from_numpy(np.ascontiguousarray(data.x_train.transpose(0, 3, 1, 2)))
         self.y = torch.from_numpy(data.y_train)
-        val = shard_eval(len(data.x_val), self.rank, self.size)  # each rank evaluates its slice
+        # Each model copy evaluates its slice (a split model's forward pass is a collective of its
+        # group: the members must see the same inputs); the global sums then count every sample
+        # `model` times, which the loss and accuracy ratios do not see.
+        val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
         self.x_val = torch.from_numpy(np.ascontiguousarray(data.x_val[val].transpose(0, 3, 1, 2)))
         self.y_val = torch.from_numpy(data.y_val[val])
-        self.model = model if model is not None else _models.build(recipe.model, tuple(self.x.shape[1:]), data.num_classes)
+        if split:
+            if recipe.model.name != "mlp":
+                raise ParallelError(f"parallel.model={recipe.parallel.model}: model {recipe.model.name!r} cannot be split",
+                                    fix="use model.name=mlp, or parallel.model=1")
+            # Same seed on every rank (torch.manual_seed above): the replicated parameters agree,
+            # each slice is drawn from a generator offset by the member's position.
+            self.model = tp.TensorParallelMLP(int(np.prod(self.x.shape[1:])), list(recipe.model.hidden), data.num_classes,
+                                              self.model_set, flatten=True)
+        else:
+            self.model = model if model is not None else _models.build(recipe.model, tuple(self.x.shape[1:]), data.num_classes)
+        self._full_state: dict | None = None  # a split job's gathered checkpoint state (prepare/load)
         self.loss_fn = torch.nn.CrossEntropyLoss()
         # The GPU this rank trains on (its name), or None on the CPU: reported to tracking.
         self.accelerator: str | None = accelerator_name(model_device(self.model))
@@ -64,8 +100,22 @@ class TorchBackend:
             # 0.72 -> 0.87, np=2 on 2 cores). Unused parameters are still allreduced, singly, by
             # synchronize(). Not in an elastic job: grouping broadcasts the parameter order from
             # rank 0 right here, a collective a joining worker may not run before hvd.elastic.run.
-            groups=None if os.environ.get("HOROVOD_ELASTIC") == "1" else 1,
+            # Split: averaging over the data-parallel set only (the ranks holding the same slice).
+            # Horovod's grouped path broadcasts from global rank 0, which a set without it lacks
+            # ("invalid root rank"): per-gradient allreduces there.
+            groups=None if split or os.environ.get("HOROVOD_ELASTIC") == "1" else 1,
+            **({"process_set": self.data_set} if split else {}),
         )
+
+    # -- model parallelism -----------------------------------------------------------------
+    def parameters_local(self) -> int:
+        """This rank's parameter count (its slices plus the whole parameters it holds)."""
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+    @property
+    def layer_comm_s(self) -> float:
+        """Seconds this process spent in layer collectives (0.0 when the model is not split)."""
+        return tp.layer_comm_seconds() if self.split else 0.0
 
     # -- the loop's contract -------------------------------------------------------------
     def batch(self, indices: np.ndarray) -> Any:
@@ -128,6 +178,15 @@ class TorchBackend:
         return hvd.broadcast_object(obj, root_rank=0, name="hvdkit.object")
 
     def broadcast_state(self, resumed: bool) -> None:
+        if self.split:
+            if resumed:
+                # Rank 0 read the unsplit checkpoint (load_checkpoint); every rank takes its slices.
+                full = hvd.broadcast_object(self._full_state, root_rank=0, name="hvdkit.tp.resume")
+                self._full_state = None
+                self.model.load_full_state(full["model"])
+                self.optimizer.load_state_dict(tp.split_optimizer_state(self.model, full["optimizer"]))
+            tp.broadcast_parameters(self.model, self.data_set)
+            return
         # Optimizer state only when resuming: a fresh optimizer is identical everywhere, and
         # Horovod initialises empty state by a zero-gradient step, which weight decay would turn
         # into a real update.
@@ -135,13 +194,39 @@ class TorchBackend:
             hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
 
+    def prepare_checkpoint(self) -> None:
+        """Every rank, before rank 0's save_checkpoint: a split model gathers its unsplit state
+        (model and optimizer, as the plain model's) over its model group (a collective)."""
+        if self.split:
+            self._full_state = {"model": self.model.full_state_dict(),
+                                "optimizer": tp.full_optimizer_state(self.model, self.optimizer.state_dict())}
+
     def save_checkpoint(self, path: Path, meta: dict) -> None:
         buf = io.BytesIO()
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "meta": meta}, buf)
+        if self.split:
+            # The unsplit model (keys of hvdkit's plain mlp) and optimizer: loads into the plain
+            # model, and a split job of any parallel.model resumes from it.
+            assert self._full_state is not None, "prepare_checkpoint() must run on every rank first"
+            state, self._full_state = self._full_state, None
+            meta = {**meta, "parallel_model": self.layout.model}
+        else:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        torch.save({**state, "meta": meta}, buf)
         atomic_write(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
 
     def load_checkpoint(self, path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if self.split:
+            self._full_state = {"model": state["model"], "optimizer": state["optimizer"]}  # split in broadcast_state
+            return state["meta"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["meta"]
+
+
+def _launcher_size() -> int:
+    """The job's size before hvd.init: horovodrun (Gloo) sets HOROVOD_SIZE, MPI launchers their own."""
+    for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +51,23 @@ def _size_rank(process_set) -> tuple[int, int]:
     return (1, 0) if process_set is None else (process_set.size(), process_set.rank())
 
 
+# -- time in layer collectives --------------------------------------------------------------------
+_comm_s = [0.0]  # this process's seconds inside the layers' collectives (forward and backward)
+
+
+def layer_comm_seconds() -> float:
+    """Cumulative seconds this process spent in layer collectives (tracking takes per-step deltas)."""
+    return _comm_s[0]
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _comm_s[0] += time.perf_counter() - t0
+
+
 # -- the collectives, as autograd functions ------------------------------------------------------
 class _CopyToModelParallel(torch.autograd.Function):
     """Forward identity, backward allreduce-sum of the input gradient over the model group."""
@@ -61,7 +79,7 @@ class _CopyToModelParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return hvd.allreduce(grad.contiguous(), op=hvd.Sum, process_set=ctx.process_set, name=ctx.name), None, None
+        return _timed(hvd.allreduce, grad.contiguous(), op=hvd.Sum, process_set=ctx.process_set, name=ctx.name), None, None
 
 
 class _ReduceFromModelParallel(torch.autograd.Function):
@@ -69,7 +87,7 @@ class _ReduceFromModelParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, process_set, name):
-        return hvd.allreduce(x.contiguous(), op=hvd.Sum, process_set=process_set, name=name)
+        return _timed(hvd.allreduce, x.contiguous(), op=hvd.Sum, process_set=process_set, name=name)
 
     @staticmethod
     def backward(ctx, grad):
@@ -80,7 +98,7 @@ def _gather_last(x, process_set, name):
     # Horovod concatenates along dim 0; stacking a new leading dim and moving it next to the
     # feature dim gives the slices in member order along the last dim.
     size, _ = _size_rank(process_set)
-    stacked = hvd.allgather(x.unsqueeze(0).contiguous(), process_set=process_set, name=name)
+    stacked = _timed(hvd.allgather, x.unsqueeze(0).contiguous(), process_set=process_set, name=name)
     return torch.movedim(stacked, 0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
 
 
@@ -309,6 +327,64 @@ class TensorParallelMLP(torch.nn.Sequential):
         return self
 
 
+def _split_dims(module: "torch.nn.Module") -> list:
+    """Per parameter of ``module`` (in ``parameters()`` order, the optimizer's): the dim it is split
+    along on this member, with its layer, or None for a whole parameter."""
+    out = []
+    for _, child in module.named_modules():
+        for pname, p in child.named_parameters(recurse=False):
+            if isinstance(child, ColumnParallelLinear):
+                out.append((p, 0, child, pname))
+            elif isinstance(child, RowParallelLinear) and pname == "weight":
+                out.append((p, 1, child, pname))
+            else:
+                out.append((p, None, child, pname))
+    params = list(module.parameters())
+    assert len(out) == len(params) and all(a[0] is b for a, b in zip(out, params)), "parameter order changed"
+    return out
+
+
+@torch.no_grad()
+def full_optimizer_state(module: "torch.nn.Module", state: dict) -> dict:
+    """A torch optimizer ``state_dict()`` of the split ``module`` as the unsplit model's (a
+    collective of the model group): every per-parameter tensor shaped like its slice is gathered
+    along the slice's dim; the rest (step counts, whole parameters' state) is kept as is."""
+    dims = _split_dims(module)
+    full_state = {}
+    for idx in sorted(state["state"]):
+        p, dim, layer, pname = dims[idx]
+        entry = {}
+        for key in sorted(state["state"][idx]):
+            t = state["state"][idx][key]
+            if dim is not None and torch.is_tensor(t) and tuple(t.shape) == tuple(p.shape) and layer.model_size > 1:
+                name = f"{layer.tp_name}.full.opt.{pname}.{key}"
+                if dim == 0:
+                    t = hvd.allgather(t.detach().contiguous(), process_set=layer.process_set, name=name)
+                else:
+                    t = hvd.allgather(t.detach().t().contiguous(), process_set=layer.process_set, name=name).t().contiguous()
+            elif torch.is_tensor(t):
+                t = t.detach().clone()
+            entry[key] = t
+        full_state[idx] = entry
+    return {"state": full_state, "param_groups": state["param_groups"]}
+
+
+def split_optimizer_state(module: "torch.nn.Module", state: dict) -> dict:
+    """The inverse of :func:`full_optimizer_state` (no collective): this member's slices."""
+    dims = _split_dims(module)
+    out = {}
+    for idx, entry in state["state"].items():
+        p, dim, layer, _ = dims[int(idx)]
+        new = {}
+        for key, t in entry.items():
+            if dim is not None and torch.is_tensor(t) and t.dim() == p.dim() and t.shape[dim] == p.shape[dim] * layer.model_size:
+                k = p.shape[dim]
+                t = t.narrow(dim, layer.model_rank * k, k).clone()
+            new[key] = t
+        out[idx] = new
+    return {"state": out, "param_groups": state["param_groups"]}
+
+
 def is_tensor_parallel(p) -> bool:
     """True for a parameter this member holds a slice of (the others are whole on every member)."""
     return bool(getattr(p, "tensor_parallel", False))
@@ -335,6 +411,7 @@ def broadcast_parameters(module: "torch.nn.Module", data_set) -> None:
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP", "broadcast_parameters", "copy_to_model_parallel",
-    "gather_from_model_parallel", "is_tensor_parallel", "make_process_sets", "reduce_from_model_parallel",
+    "full_optimizer_state", "gather_from_model_parallel", "is_tensor_parallel", "layer_comm_seconds", "make_process_sets",
+    "reduce_from_model_parallel", "split_optimizer_state",
     "scatter_to_model_parallel",
 ]

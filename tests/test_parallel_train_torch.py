@@ -1,0 +1,186 @@
+"""Issue 13 end to end: `hvdkit run ... parallel.model=M` trains the built-in MLP split over M ranks
+(tensor parallelism) x np/M model copies (data parallelism), under real horovodrun (Gloo).
+
+Checkpoints of a split job hold the unsplit model and optimizer: they load into the plain MLP and a
+split job resumes from them; bad layouts are refused before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from conftest import BIN, REPO, explain, hvdkit, worker_env
+
+pytestmark = [pytest.mark.horovod]
+
+DIGITS = str(REPO / "recipes/digits.yaml")
+FAST = ["--framework", "torch", "log.progress=false", "threads=1"]
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri):
+    client = _client(uri)
+    exp = client.get_experiment_by_name("hvdkit")
+    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _checkpoints(ck):
+    return sorted(ck.glob("*/ckpt-e*.pt"))
+
+
+def _plain_accuracy(path) -> float:
+    """The split job's checkpoint in hvdkit's plain (unsplit) torch MLP, evaluated in this process."""
+    import numpy as np
+    import torch
+
+    from hvdkit.core.data import digits
+    from hvdkit.torch._models import mlp
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    data = digits(0.2, 42)
+    model = mlp((1, 8, 8), data.num_classes, [256, 128])
+    model.load_state_dict(state["model"])  # strict: the keys and shapes of the plain model
+    x = torch.from_numpy(np.ascontiguousarray(data.x_val.transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    # the optimizer state is the plain model's too: one entry per parameter, shaped like it
+    opt = state["optimizer"]["state"]
+    params = list(model.parameters())
+    assert sorted(opt) == list(range(len(params)))
+    for i, p in enumerate(params):
+        assert tuple(opt[i]["momentum_buffer"].shape) == tuple(p.shape)
+    return float((pred == data.y_val).mean())
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """The 2x2 hybrid: np=4, parallel.model=2, tracked in a sqlite store."""
+    tmp = tmp_path_factory.mktemp("hybrid")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    t0 = time.monotonic()
+    res = hvdkit(["run", DIGITS, "-np", "4", *FAST, "parallel.model=2", "epochs=8", f"checkpoint.dir={tmp / 'ck'}",
+                  "--summary-json", str(tmp / "summary.json")], cwd=tmp, env=worker_env(MLFLOW_TRACKING_URI=uri))
+    return {"res": res, "tmp": tmp, "uri": uri, "seconds": time.monotonic() - t0}
+
+
+def test_hybrid_2x2_reaches_95_percent(hybrid):
+    res = hybrid["res"]
+    assert res.returncode == 0, explain(res)
+    summary = json.loads((hybrid["tmp"] / "summary.json").read_text())
+    print(f"2x2 hybrid: val_accuracy {summary['val_metrics']['val_accuracy']:.4f}, {summary['steps']} steps, "
+          f"train {summary['seconds']:.1f}s, job {hybrid['seconds']:.1f}s")
+    assert summary["size"] == 4
+    # 1437 samples over 2 model copies of batch 32: 22 steps an epoch (the members of a copy share batches)
+    assert summary["steps"] == 8 * 22
+    assert summary["val_metrics"]["val_accuracy"] >= 0.95
+    runs = _runs(hybrid["uri"])
+    assert runs and {r.info.status for r in runs} == {"FINISHED"}
+    parent = [r for r in runs if r.data.tags.get("hvdkit.role") == "parent"]
+    assert parent and parent[0].data.metrics["val_accuracy"] >= 0.95
+
+
+def test_hybrid_checkpoint_loads_into_the_plain_mlp(hybrid):
+    assert hybrid["res"].returncode == 0, explain(hybrid["res"])
+    (last, *_) = _checkpoints(hybrid["tmp"] / "ck")[::-1]
+    state_meta = json.loads((last.parent / "job.json").read_text())
+    assert last.name in state_meta["checkpoints"]  # the manifest knows the gathered file
+    acc = _plain_accuracy(last)
+    summary = json.loads((hybrid["tmp"] / "summary.json").read_text())
+    # the same model, evaluated whole: the same accuracy the split job measured
+    assert abs(acc - summary["val_metrics"]["val_accuracy"]) < 1e-9, acc
+
+
+def test_np2_model2_runs(tmp_path):
+    res = hvdkit(["run", DIGITS, "-np", "2", *FAST, "--no-track", "parallel.model=2", "epochs=2",
+                  f"checkpoint.dir={tmp_path / 'ck'}", "--summary-json", str(tmp_path / "s.json")], cwd=tmp_path)
+    assert res.returncode == 0, explain(res)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["steps"] == 2 * 44  # one model copy: every batch of 32, on both ranks
+    assert summary["val_metrics"]["val_accuracy"] > 0.8
+    _plain_accuracy(_checkpoints(tmp_path / "ck")[-1])
+
+
+def _rank_process(root_pid: int, rank: int):
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for p in procs:
+        try:
+            if "hvdkit.train" in p.cmdline() and p.environ().get("HOROVOD_RANK") == str(rank):
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return None
+
+
+def test_split_job_resumes_from_its_gathered_checkpoint(tmp_path):
+    """np=2 model=2 killed after its second checkpoint; --resume continues split from it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ck = tmp_path / "ck"
+    job = [DIGITS, "-np", "2", *FAST, "parallel.model=2", "epochs=4", "checkpoint.every_epochs=1", f"checkpoint.dir={ck}"]
+    env = worker_env(MLFLOW_TRACKING_URI=uri)
+    proc = subprocess.Popen([str(BIN / "hvdkit"), "run", *job], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(ck.glob("*/ckpt-e0002.pt")):
+            assert proc.poll() is None, explain(subprocess.CompletedProcess(proc.args, proc.returncode, *proc.communicate()))
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        victim = _rank_process(proc.pid, 1)
+        assert victim is not None, "rank 1 not found"
+        victim.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    (folder,) = ck.iterdir()
+    done = json.loads((folder / "job.json").read_text())["checkpoints"]
+    resumed_step = max(v["step"] for v in done.values())
+    assert resumed_step >= 2 * 44
+    res = hvdkit(["run", *job, "--resume", folder.name, "--summary-json", str(tmp_path / "s.json")], cwd=tmp_path, env=env)
+    assert res.returncode == 0, explain(res)
+    assert "resumed from" in res.stdout
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["steps"] == 4 * 44 > resumed_step  # it trained after the resume, up to the end
+    assert summary["val_metrics"]["val_accuracy"] >= 0.9
+    assert _plain_accuracy(folder / "ckpt-e0004.pt") >= 0.9
+    assert {r.info.status for r in _runs(uri)} == {"FINISHED"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-np", "3", "parallel.model=2"], "parallel.model=2 does not divide np=3"),
+    (["-np", "2", "parallel.model=2", "model.hidden=[255,128]"], "model.hidden[0]"),
+    (["-np", "4", "parallel.model=4", "model.hidden=[2,128]"], "larger than model.hidden[0]"),
+], ids=["np3-model2", "width-not-divisible", "model-wider-than-layer"])
+def test_bad_layout_is_refused_before_launch(tmp_path, args, expected):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t0 = time.monotonic()
+    res = hvdkit(["run", DIGITS, *FAST, *args, f"checkpoint.dir={tmp_path / 'ck'}"], cwd=tmp_path,
+                 env=worker_env(MLFLOW_TRACKING_URI=uri), timeout=120)
+    assert res.returncode == 2, explain(res)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "fix:" in lines[0], res.stderr
+    assert "[0]<" not in res.stdout + res.stderr  # no worker started
+    assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
+    assert time.monotonic() - t0 < 60
+
+
+def test_elastic_split_job_is_refused(tmp_path):
+    res = hvdkit(["run", DIGITS, *FAST, "-np", "2", "--min-np", "2", "--max-np", "4", "parallel.model=2",
+                  "--host-discovery-script", "/bin/true", "--no-track"], cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, explain(res)
+    assert "elastic" in res.stderr and "fix:" in res.stderr
