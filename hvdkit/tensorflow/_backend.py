@@ -9,6 +9,7 @@ are hvdkit's own, built on ``grouped_allreduce``, ``broadcast_variables``, ``all
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from hvdkit._frameworks import require
 from hvdkit.core import ArrayDataset, apply_horovod_knobs, atomic_write, shard_eval
+from hvdkit.core._layout import ParallelLayout
+from hvdkit.errors import ParallelError
 from hvdkit.recipe import Recipe
 
 tf, hvd = require("tensorflow")
@@ -23,6 +26,7 @@ tf, hvd = require("tensorflow")
 import keras  # noqa: E402
 
 from hvdkit.tensorflow import _models, _optimizer  # noqa: E402
+from hvdkit.tensorflow import _tensor_parallel as tp  # noqa: E402
 from hvdkit.tensorflow._accelerator import accelerator_name  # noqa: E402
 
 _EVAL_BATCH = 512  # bounds evaluation memory on large validation shards
@@ -39,17 +43,48 @@ class TensorFlowBackend:
     def __init__(self, recipe: Recipe, data: ArrayDataset, model: "keras.Model | None" = None) -> None:
         _optimizer.configure_threads(recipe.threads)  # before any TF op runs
         apply_horovod_knobs(recipe)  # the recipe's cycle time / fusion threshold, unless set
-        hvd.init()  # joins the job horovodrun started (Gloo or MPI)
+        split = self.split = recipe.parallel.model > 1
+        self.model_set = self.data_set = None
+        if split:
+            if os.environ.get("HOROVOD_ELASTIC") == "1":
+                raise ParallelError(f"parallel.model={recipe.parallel.model} in an elastic job",
+                                    fix="run without elastic options, or set parallel.model=1")
+            if model is not None:
+                raise ParallelError(f"parallel.model={recipe.parallel.model}: a Python recipe's own model cannot be split yet",
+                                    fix="set parallel.model=1, or use model.name=mlp")
+            if recipe.model.name != "mlp":
+                raise ParallelError(f"parallel.model={recipe.parallel.model}: model {recipe.model.name!r} cannot be split",
+                                    fix="use model.name=mlp, or parallel.model=1")
+            # Horovod 0.28 registers process sets in hvd.init only: the layout needs the job's
+            # size before init, from the launcher's environment.
+            self.layout = ParallelLayout(_launcher_size(), recipe.parallel.model)
+            self.model_set, self.data_set = tp.make_process_sets(self.layout)  # calls hvd.init(process_sets=...)
+        else:
+            hvd.init()  # joins the job horovodrun started (Gloo or MPI)
         self.rank, self.size = hvd.rank(), hvd.size()
+        if not split:
+            self.layout = ParallelLayout(self.size, 1)
+        # Members of a model group see the same samples: data shards are per model copy.
+        self.data_rank, self.data_size = self.layout.data_rank(self.rank), self.layout.data
         # The GPU this rank sees (its name), or None on the CPU: reported to tracking.
         self.accelerator: str | None = accelerator_name(hvd.local_rank())
         keras.utils.set_random_seed(recipe.seed)
         self.recipe, self.data = recipe, data
         # Arrays stay numpy (channel-last already); a batch is one fancy index + one conversion.
         self.x, self.y = data.x_train, data.y_train
-        val = shard_eval(len(data.x_val), self.rank, self.size)  # each rank evaluates its slice
+        # Each model copy evaluates its slice (a split model's forward pass is a collective of its
+        # group, whose members must see the same inputs); the global sums then count every sample
+        # `model` times, which the loss and accuracy ratios do not see.
+        val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
         self.x_val, self.y_val = data.x_val[val], data.y_val[val]
-        self.model = model if model is not None else _models.build(recipe.model, data.input_shape, data.num_classes)
+        if split:
+            # Same seed on every rank: replicated variables agree, slices are offset by member.
+            self.model = tp.TensorParallelMLP(int(np.prod(data.input_shape)), list(recipe.model.hidden), data.num_classes,
+                                              self.model_set, flatten=True, name="mlp")
+        else:
+            self.model = model if model is not None else _models.build(recipe.model, data.input_shape, data.num_classes)
+        self._full_state: dict | None = None  # a split model's gathered checkpoint state (prepare/load)
+        self._batch_shared: bool | None = None  # split: does the loop already give a model group one batch?
         self.model(tf.convert_to_tensor(self.x[:1]), training=False)  # variables exist from here on
         self.passes = recipe.horovod.backward_passes_per_step
         self.compression = _optimizer.get_compression(recipe.horovod.compression)
@@ -63,6 +98,7 @@ class TensorFlowBackend:
             self.optimizer = _optimizer.DistributedOptimizer(
                 _optimizer.keras_optimizer(recipe.optimizer), self.model, self.loss_fn,
                 compression=self.compression, backward_passes_per_step=self.passes, weight_decay=self.weight_decay,
+                process_set=self.data_set,
             )
             self.optimizer.build()
             self.keras_optimizer = self.optimizer.optimizer
@@ -76,7 +112,7 @@ class TensorFlowBackend:
         previous = getattr(self, "keras_optimizer", None)
         opt = DistributedKerasOptimizer(
             _optimizer.keras_optimizer(self.recipe.optimizer), compression=self.compression,
-            backward_passes_per_step=self.passes, weight_decay=self.weight_decay,
+            backward_passes_per_step=self.passes, weight_decay=self.weight_decay, process_set=self.data_set,
         )
         opt.build(self.model.trainable_variables)
         if previous is not None:  # keep any state the custom-loop optimizer already had
@@ -91,8 +127,33 @@ class TensorFlowBackend:
         self.keras_optimizer = self.optimizer = opt
         self.keras_fit = True
 
+    # -- model parallelism -----------------------------------------------------------------
+    def parameters_local(self) -> int:
+        """This rank's parameter count (its slices plus the whole variables it holds)."""
+        return int(sum(int(np.prod(v.shape)) for v in self.model.trainable_variables))
+
+    @property
+    def layer_comm_s(self) -> float:
+        """Seconds this process spent in layer collectives (0.0 when the model is not split)."""
+        return tp.layer_comm_seconds() if self.split else 0.0
+
+    def _group_indices(self, indices: np.ndarray) -> np.ndarray:
+        """A split model's forward pass needs one batch per model group. When the loop shards by
+        rank rather than by model copy, the group's first member's batch is used by all (checked
+        once, on the first batch, by an allgather in the group; a broadcast per step after that)."""
+        idx = tf.constant(np.asarray(indices, dtype=np.int64))
+        if self._batch_shared is None:
+            seen = hvd.allgather(idx[None], process_set=self.model_set, name="hvdkit.tp.batch_check").numpy()
+            self._batch_shared = bool((seen == seen[0]).all())
+        if self._batch_shared:
+            return indices
+        return hvd.broadcast(idx, root_rank=self.model_set.ranks[0], process_set=self.model_set,
+                             name="hvdkit.tp.batch").numpy()
+
     # -- the loop's contract -------------------------------------------------------------
     def batch(self, indices: np.ndarray) -> Any:
+        if self.split:
+            indices = self._group_indices(indices)
         return tf.convert_to_tensor(self.x[indices]), tf.convert_to_tensor(self.y[indices])
 
     def train_step(self, batch: Any, lr: float) -> tuple[float, float]:
@@ -110,6 +171,10 @@ class TensorFlowBackend:
             correct += int(np.sum(np.argmax(logits.numpy(), axis=1) == y))
         # Sum counts over ranks so uneven shards weigh by sample count.
         tot = self.allreduce_sum(np.array([loss_sum, correct, len(self.y_val)], dtype=np.float64))
+        if self.split and self.recipe.checkpoint.dir:
+            # Until the loop calls prepare_checkpoint() before rank 0 saves, the gather runs here:
+            # evaluation ends every epoch a checkpoint is due in (eval and checkpoint every epoch).
+            self.prepare_checkpoint()
         return {"val_loss": float(tot[0] / tot[2]), "val_accuracy": float(tot[1] / tot[2])}
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
@@ -125,14 +190,105 @@ class TensorFlowBackend:
         return hvd.broadcast_object(obj, root_rank=0, name="hvdkit.object")
 
     def broadcast_state(self, resumed: bool) -> None:
+        if self.split:
+            if resumed:
+                # Rank 0 read the unsplit checkpoint (load_checkpoint); every rank takes its slices.
+                full = hvd.broadcast_object(self._full_state, root_rank=0, name="hvdkit.tp.resume")
+                self._full_state = None
+                self._load_full(full)
+            # Each slice from the first rank of its data-parallel set, whole variables from rank 0;
+            # a fresh optimizer is identical everywhere, a resumed one was just loaded alike.
+            tp.broadcast_variables(self.model, self.data_set)
+            return
         _optimizer.broadcast_variables(self.model.variables, root_rank=0)
         # Optimizer state only when resuming: a fresh optimizer is identical on every rank already.
         if resumed:
             _optimizer.broadcast_variables(self.keras_optimizer.variables, root_rank=0)
 
+    # -- checkpoints of a split model: one file with the unsplit model --------------------
+    def _split_axes(self) -> list[int | None]:
+        """For each trainable variable: the axis its slices are cut along (None: whole)."""
+        axes: dict[int, int | None] = {}
+        for layer in self.model.stack:
+            if isinstance(layer, tp.ColumnParallelDense):
+                axes[id(layer.kernel)] = 1
+                if layer.bias is not None:
+                    axes[id(layer.bias)] = 0
+            elif isinstance(layer, tp.RowParallelDense):
+                axes[id(layer.kernel)] = 0
+        return [axes.get(id(v)) for v in self.model.trainable_variables]
+
+    def _optimizer_axes(self) -> list[int | None]:
+        """The split axis of each optimizer variable. Scalars (iterations, learning rate, hvdkit's
+        micro-batch count) are whole; the others are Keras' slots (momentum, Adam's moments) and
+        hvdkit's accumulators, made by ``add_variable_from_reference``, which names a slot after
+        its variable's path ("<layer>_<weight>_<slot>"): the longest such prefix is its variable."""
+        trainable, axes = self.model.trainable_variables, self._split_axes()
+        prefixes = sorted(((v.path.replace("/", "_") + "_", v, axis) for v, axis in zip(trainable, axes)),
+                          key=lambda t: -len(t[0]))
+        out: list[int | None] = []
+        for v in self.keras_optimizer.variables:
+            if len(v.shape) == 0:
+                out.append(None)
+                continue
+            ref = next(((r, axis) for prefix, r, axis in prefixes if v.name.startswith(prefix)), None)
+            if ref is None or tuple(v.shape) != tuple(ref[0].shape):
+                raise ValueError(f"optimizer variable {v.path} {tuple(v.shape)}: no trainable variable of its name and shape")
+            out.append(ref[1])
+        return out
+
+    def _gather(self, value, axis: int | None) -> np.ndarray:
+        t = tf.convert_to_tensor(value)
+        if axis is None:
+            return t.numpy()
+        moved = tf.experimental.numpy.moveaxis(t, axis, 0)
+        full = hvd.allgather(moved, process_set=self.model_set, name="hvdkit.tp.full")
+        return tf.experimental.numpy.moveaxis(full, 0, axis).numpy()
+
+    def _slice(self, full: np.ndarray, axis: int | None) -> np.ndarray:
+        if axis is None:
+            return full
+        m, r = self.layout.model, self.layout.model_rank(self.rank)
+        k = full.shape[axis] // m
+        return np.take(full, range(r * k, (r + 1) * k), axis=axis)
+
+    def prepare_checkpoint(self) -> None:
+        """Every rank, before rank 0's save_checkpoint: a split model gathers its unsplit state
+        (model and optimizer, as the plain mlp's) over its model group (a collective)."""
+        if not self.split:
+            return
+        model = [self._gather(v, a) for v, a in zip(self.model.trainable_variables, self._split_axes())]
+        opt = [self._gather(v, a) for v, a in zip(self.keras_optimizer.variables, self._optimizer_axes())]
+        self._full_state = {"model": model, "optimizer": opt, "iterations": int(self.keras_optimizer.iterations.numpy())}
+
+    def _load_full(self, full: dict) -> None:
+        variables = self.model.trainable_variables
+        if len(full["model"]) != len(variables):
+            raise ValueError(f"{len(full['model'])} model arrays saved, this model has {len(variables)}")
+        for v, a, axis in zip(variables, full["model"], self._split_axes()):
+            v.assign(self._slice(a, axis))
+        opt = self.keras_optimizer.variables
+        if len(full["optimizer"]) != len(opt):
+            raise ValueError(f"{len(full['optimizer'])} optimizer variables saved, this optimizer has {len(opt)}")
+        for v, a, axis in zip(opt, full["optimizer"], self._optimizer_axes()):
+            v.assign(self._slice(a, axis))
+
     def save_checkpoint(self, path: Path, meta: dict) -> None:
-        arrays = {f"model/{i:04d}": np.asarray(w) for i, w in enumerate(self.model.get_weights())}
-        arrays.update({f"optimizer/{i:04d}": np.asarray(v) for i, v in enumerate(self.keras_optimizer.variables)})
+        if self.split:
+            # The unsplit model in the order of hvdkit's plain mlp (loads into it), and the
+            # unsplit optimizer state: a split job of any parallel.model resumes from it.
+            if (self._full_state is None
+                    or self._full_state.get("iterations") != int(self.keras_optimizer.iterations.numpy())):
+                raise RuntimeError("prepare_checkpoint() must run on every rank before rank 0 saves a split model "
+                                   "(the state gathered last is missing or older than this step)")
+            state, self._full_state = self._full_state, None
+            model_arrays, opt_arrays = state["model"], state["optimizer"]
+            meta = {**meta, "parallel_model": self.layout.model}
+        else:
+            model_arrays = [np.asarray(w) for w in self.model.get_weights()]
+            opt_arrays = [np.asarray(v) for v in self.keras_optimizer.variables]
+        arrays = {f"model/{i:04d}": a for i, a in enumerate(model_arrays)}
+        arrays.update({f"optimizer/{i:04d}": a for i, a in enumerate(opt_arrays)})
         arrays["meta"] = np.array(json.dumps(meta))
 
         def write(tmp: Path) -> None:
@@ -146,6 +302,9 @@ class TensorFlowBackend:
             model = [z[k] for k in sorted(k for k in z.files if k.startswith("model/"))]
             opt = [z[k] for k in sorted(k for k in z.files if k.startswith("optimizer/"))]
             meta = json.loads(str(z["meta"]))
+        if self.split:
+            self._full_state = {"model": model, "optimizer": opt}  # split in broadcast_state, on every rank
+            return meta
         self.model.set_weights(model)
         variables = self.keras_optimizer.variables
         if len(opt) != len(variables):
@@ -160,3 +319,11 @@ class TensorFlowBackend:
         from hvdkit.tensorflow._keras import fit_with_horovod
 
         return fit_with_horovod(self, recipe or self.recipe, self.data, tracker=tracker, **kwargs)
+
+
+def _launcher_size() -> int:
+    """The job's size before hvd.init: horovodrun (Gloo) sets HOROVOD_SIZE, MPI launchers their own."""
+    for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1

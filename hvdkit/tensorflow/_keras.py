@@ -99,12 +99,14 @@ def DistributedKerasOptimizer(
     compression: str | Any = "none",
     backward_passes_per_step: int = 1,
     weight_decay: float = 0.0,
+    process_set: Any = None,
 ) -> keras.optimizers.Optimizer:
     """A copy of ``optimizer`` (same class and config) that averages gradients over all ranks.
 
     ``backward_passes_per_step`` = k: each ``apply`` of one micro-batch's gradient adds it to a
     local accumulator; every k-th call averages the k gradients, allreduces once, and updates.
     ``weight_decay`` adds torch-style coupled L2 (g + λθ) after averaging (0: none).
+    ``process_set``: average over these ranks only (a split model's data-parallel set); None: all.
     Compile the model with ``jit_compile=False``: Horovod's ops have no XLA kernels on CPU.
     """
     if backward_passes_per_step < 1:
@@ -116,7 +118,7 @@ def DistributedKerasOptimizer(
     if cls is None:
         cls = _CLASSES[base] = type(f"Distributed{base.__name__}", (_DistributedMixin, base), {"__module__": __name__})
     dist = cls.from_config(optimizer.get_config())
-    dist._hvd_averaging = GradientAveraging(compression, weight_decay)
+    dist._hvd_averaging = GradientAveraging(compression, weight_decay, process_set)
     dist._hvd_passes = int(backward_passes_per_step)
     return dist
 
@@ -218,9 +220,13 @@ class _Progress(keras.callbacks.Callback):
         self.checkpoint: str | None = None
         self.epochs_done = self._epoch = 0
         self.t_start = self.t_end = time.perf_counter()
+        # A split model's seconds in layer collectives, per step, for a tracker that records them.
+        self._layer_t = getattr(backend, "layer_comm_s", 0.0)
+        self._layer_kw = getattr(backend, "split", False) and _accepts(getattr(tracker, "record_step", None), "layer_comm_s")
 
     def on_train_begin(self, logs=None) -> None:
         self.t_start = time.perf_counter()
+        self._layer_t = getattr(self.backend, "layer_comm_s", 0.0)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         self._epoch = epoch
@@ -238,9 +244,13 @@ class _Progress(keras.callbacks.Callback):
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])  # Keras' running mean over the epoch so far
         if self.tracker is not None:
+            more = {}
+            if self._layer_kw:
+                now = self.backend.layer_comm_s
+                more["layer_comm_s"], self._layer_t = now - self._layer_t, now
             # comm_wait is inside Keras' compiled step and cannot be separated here: reported as 0.
             self.tracker.record_step(self.step, samples=self.batch_size, step_time_s=self.step_time,
-                                     data_time_s=0.0, comm_wait_s=0.0, loss=self.loss)
+                                     data_time_s=0.0, comm_wait_s=0.0, loss=self.loss, **more)
         self.step_time = 0.0
         if self.bar is not None:
             self.bar.update(1)
@@ -262,6 +272,7 @@ class _Progress(keras.callbacks.Callback):
                 self.tracker.log_metrics(self.val_metrics, self.step)
         done = self.step >= self.total_steps
         if self.policy.due(epoch, epoch if done else last):
+            self.backend.prepare_checkpoint()  # a split model's gather (every rank); a no-op otherwise
             meta = {"epoch": epoch, "step": self.step, "recipe": self.recipe.name}
             self.checkpoint = rank_zero(self.backend.rank, lambda: str(self.policy.save(self.backend, epoch, meta)),
                                         default=self.checkpoint)
@@ -269,6 +280,16 @@ class _Progress(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None) -> None:
         self.t_end = time.perf_counter()
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def sharded_dataset(data: ArrayDataset, batches: ShardedBatches, epochs: Sequence[int], batch_size: int,
@@ -318,12 +339,17 @@ def fit_with_horovod(
     if recipe.batch_size % passes:
         raise RecipeError(f"batch_size {recipe.batch_size} is not a multiple of backward_passes_per_step {passes}",
                           fix="with keras_fit each Keras batch is one micro-batch: make batch_size divisible")
-    batches = ShardedBatches(len(data.x_train), recipe.batch_size, rank, size, recipe.seed)
+    # Shards per model copy: the members of a split model's group train on the same batches.
+    data_rank, data_size = getattr(backend, "data_rank", rank), getattr(backend, "data_size", size)
+    batches = ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed)
     epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
     policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
     summary = Summary()
 
-    _, start_epoch, step = resume(backend, policy, job, summary)
+    resumed, start_epoch, step = resume(backend, policy, job, summary)
+    split = getattr(backend, "split", False)
+    if split:  # slices from their data-parallel set, a resumed rank 0's unsplit state split on every rank
+        backend.broadcast_state(resumed)
 
     bar = progress(total_steps, step) if progress else None
     micro_batch = recipe.batch_size // passes
@@ -332,9 +358,11 @@ def fit_with_horovod(
     tracked = _Progress(backend, recipe, tracker, policy, epochs=epochs, total_steps=total_steps, start_step=step,
                         batch_size=recipe.batch_size, passes=passes, bar=bar)
     cbs = [
-        BroadcastGlobalVariablesCallback(0),  # also carries a resumed rank 0's state to every rank
+        # Also carries a resumed rank 0's state to every rank (a split model: broadcast_state above).
+        *([] if split else [BroadcastGlobalVariablesCallback(0)]),
+        # The rate scales with the model copies (the global batch is batch_size × data_size).
         LearningRateWarmupCallback(recipe.optimizer.lr, recipe.lr_schedule.warmup_epochs, batches.steps_per_epoch,
-                                   size=size, rule=recipe.lr_schedule.scale, backward_passes_per_step=passes),
+                                   size=data_size, rule=recipe.lr_schedule.scale, backward_passes_per_step=passes),
         MetricAverageCallback(),
         tracked,
         *callbacks,

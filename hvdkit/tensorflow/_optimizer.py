@@ -109,21 +109,26 @@ class GradientAveraging:
     (timed as comm wait), the decay inside its compiled apply step.
     """
 
-    def __init__(self, compression: str | Any = "none", weight_decay: float = 0.0) -> None:
+    def __init__(self, compression: str | Any = "none", weight_decay: float = 0.0, process_set: Any = None) -> None:
         self.compression = get_compression("none" if compression is None else compression)
         self.weight_decay = float(weight_decay)
+        # The ranks to average over: a model split over a model group averages over its
+        # data-parallel process set only (the ranks holding the same slice); None: all ranks.
+        self.process_set = process_set
 
     def allreduce(self, grads: Sequence[Any]) -> list:
-        """(1/p) Σ_i g_i for each tensor of ``grads`` (dense, the same list on every rank): one
-        ``hvd.grouped_allreduce`` for all tensors."""
-        if hvd.size() == 1:
+        """(1/p) Σ_i g_i for each tensor of ``grads`` (dense, the same list on every rank of the
+        process set): one ``hvd.grouped_allreduce`` for all tensors."""
+        if (hvd.size() if self.process_set is None else self.process_set.size()) == 1:
             return list(grads)
         if _in_xla_context():
             from hvdkit.errors import UsageError
 
             raise UsageError("Horovod's allreduce cannot run inside an XLA-compiled step (no XLA kernel on CPU)",
                              fix="compile the model with jit_compile=False")
-        return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression)
+        if self.process_set is None:
+            return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression)
+        return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression, process_set=self.process_set)
 
     def add_weight_decay(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
         """g + λθ for each gradient and its variable; ``grads`` unchanged when λ = 0."""
@@ -165,13 +170,14 @@ class DistributedOptimizer:
         compression: str | Any = "none",
         backward_passes_per_step: int = 1,
         weight_decay: float = 0.0,
+        process_set: Any = None,
     ) -> None:
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
         self.optimizer = optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.averaging = GradientAveraging(compression, weight_decay)
+        self.averaging = GradientAveraging(compression, weight_decay, process_set)
         self.compression = self.averaging.compression
         self.passes = int(backward_passes_per_step)
         self.weight_decay = self.averaging.weight_decay

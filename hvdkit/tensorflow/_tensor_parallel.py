@@ -43,11 +43,41 @@ def _size_rank(process_set) -> tuple[int, int]:
     return (1, 0) if process_set is None else (process_set.size(), process_set.rank())
 
 
+# -- the layer-collective clock -----------------------------------------------------------------------
+_CLOCK: list = []  # [tf.Variable(float64)]: seconds spent in layer collectives by this process
+
+
+def _clock():
+    if not _CLOCK:
+        with tf.init_scope():  # created eagerly, also when first reached while a tf.function traces
+            _CLOCK.append(tf.Variable(0.0, dtype=tf.float64, trainable=False, name="hvdkit_layer_comm_s"))
+    return _CLOCK[0]
+
+
+def layer_comm_seconds() -> float:
+    """Cumulative seconds this process spent in the layer collectives (forward and backward)."""
+    return float(_clock().numpy()) if _CLOCK else 0.0
+
+
+def _timed(fn, x):
+    """``fn(x)`` with its wall time added to the clock: two ``tf.timestamp`` ops ordered around the
+    collective by control dependencies, so it also measures inside compiled steps."""
+    clock = _clock()
+    with tf.control_dependencies([x]):
+        t0 = tf.timestamp()
+    with tf.control_dependencies([t0]):
+        y = fn(tf.identity(x))
+    with tf.control_dependencies([y]):
+        t1 = tf.timestamp()
+    with tf.control_dependencies([clock.assign_add(t1 - t0)]):
+        return tf.identity(y)
+
+
 # -- the collectives, each with its backward ------------------------------------------------------
 def _gather_last(x, process_set, name):
     # Horovod concatenates along axis 0: stack a new leading axis, move it next to the features.
     size, _ = _size_rank(process_set)
-    stacked = hvd.allgather(tf.expand_dims(x, 0), process_set=process_set, name=name)  # (m, ..., k)
+    stacked = _timed(lambda t: hvd.allgather(t, process_set=process_set, name=name), tf.expand_dims(x, 0))  # (m, ..., k)
     rank = len(x.shape)
     moved = tf.transpose(stacked, [*range(1, rank), 0, rank])  # (..., m, k)
     return tf.reshape(moved, tf.concat([tf.shape(x)[:-1], [size * tf.shape(x)[-1]]], 0))
@@ -66,7 +96,7 @@ def copy_to_model_parallel(x, process_set, name: str = "tp.copy"):
 
     @tf.custom_gradient
     def f(x):
-        return tf.identity(x), lambda dy: hvd.allreduce(dy, op=hvd.Sum, process_set=process_set, name=name)
+        return tf.identity(x), lambda dy: _timed(lambda t: hvd.allreduce(t, op=hvd.Sum, process_set=process_set, name=name), dy)
 
     return f(x)
 
@@ -78,7 +108,7 @@ def reduce_from_model_parallel(x, process_set, name: str = "tp.reduce"):
 
     @tf.custom_gradient
     def f(x):
-        return hvd.allreduce(x, op=hvd.Sum, process_set=process_set, name=name), lambda dy: tf.identity(dy)
+        return _timed(lambda t: hvd.allreduce(t, op=hvd.Sum, process_set=process_set, name=name), x), lambda dy: tf.identity(dy)
 
     return f(x)
 
@@ -312,6 +342,6 @@ def broadcast_variables(model, data_set) -> None:
 
 __all__ = [
     "ColumnParallelDense", "RowParallelDense", "TensorParallelMLP", "broadcast_variables", "copy_to_model_parallel",
-    "gather_from_model_parallel", "is_tensor_parallel", "make_process_sets", "reduce_from_model_parallel", "scatter_to_model_parallel",
+    "gather_from_model_parallel", "is_tensor_parallel", "layer_comm_seconds", "make_process_sets", "reduce_from_model_parallel", "scatter_to_model_parallel",
     "tensor_parallel_variables",
 ]
