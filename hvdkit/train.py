@@ -78,7 +78,10 @@ def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> Non
 def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job=None, accelerator=None):
     from hvdkit.tracking import TrackingConfig
 
+    # parallel.model: the trackers that know it record the layout and layer_comm_s (issue 13).
+    more = {"parallel_model": recipe.parallel.model} if "parallel_model" in getattr(TrackingConfig, "__dataclass_fields__", {}) else {}
     return TrackingConfig(
+        **more,
         enabled=not no_track,
         experiment=experiment_name(experiment),
         run_name=f"{recipe.name}-{recipe.framework}",

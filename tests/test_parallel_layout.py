@@ -154,3 +154,41 @@ def test_make_process_sets_after_init_needs_dynamic_sets(monkeypatch):
 def test_make_process_sets_wrong_size():
     with pytest.raises(LaunchError, match="made for np=4 but Horovod runs 2 ranks"):
         make_process_sets(FakeHorovod(2, 0), ParallelLayout(4, 2))
+
+
+# -- check_recipe_layout: what `hvdkit run` / `hvdkit scale` refuse before any worker starts ----------
+def _recipe(**over):
+    from hvdkit.recipe._load import validate
+
+    raw = {"name": "t", "framework": "torch", "model": {"name": "mlp", "hidden": [256, 128]}, "data": {"name": "digits"}}
+    for k, v in over.items():
+        raw[k] = v
+    return validate(raw)
+
+
+def test_recipe_layout_accepts_the_2x2_hybrid_and_model_1():
+    from hvdkit.core._layout import check_recipe_layout
+
+    assert check_recipe_layout(_recipe(parallel={"model": 2}), 4) == ParallelLayout(4, 2)
+    assert check_recipe_layout(_recipe(parallel={"model": 2}), 2) == ParallelLayout(2, 2)
+    assert check_recipe_layout(_recipe(), 3) is None  # model 1: nothing split, nothing checked
+    # only the column-parallel widths (hidden[0], hidden[2], ...) must divide: hidden[1] is a row layer's output
+    assert check_recipe_layout(_recipe(parallel={"model": 4}, model={"name": "mlp", "hidden": [256, 10, 64]}), 8).data == 2
+
+
+@pytest.mark.parametrize("over, np, kw, expected", [
+    ({"parallel": {"model": 2}}, 3, {}, "parallel.model=2 does not divide np=3"),
+    ({"parallel": {"model": 2}, "model": {"name": "mlp", "hidden": [255, 128]}}, 2, {}, "model.hidden[0]"),
+    ({"parallel": {"model": 4}, "model": {"name": "mlp", "hidden": [2]}}, 4, {}, "larger than model.hidden[0]"),
+    ({"parallel": {"model": 2}, "model": {"name": "mlp", "hidden": [64, 32, 31]}}, 2, {}, "model.hidden[2]"),
+    ({"parallel": {"model": 2}}, 2, {"elastic": True}, "elastic"),
+    ({"parallel": {"model": 2}}, 2, {"custom_model": True}, "build_model"),
+], ids=["np", "width", "model-wider", "third-width", "elastic", "custom"])
+def test_recipe_layout_refusals_name_the_value_and_the_fix(over, np, kw, expected):
+    from hvdkit.core._layout import check_recipe_layout
+
+    with pytest.raises(ParallelError) as err:
+        check_recipe_layout(_recipe(**over), np, **kw)
+    line = str(err.value)
+    assert expected in line and "fix:" in line and "\n" not in line
+    assert err.value.exit_code == 2
