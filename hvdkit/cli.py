@@ -124,13 +124,16 @@ def _check_layout(loaded, np_: int, elastic: dict) -> None:
     """parallel.model against -np, elastic and the model: one line, exit 2, before anything starts."""
     from hvdkit.core._layout import check_recipe_layout
 
-    check_recipe_layout(loaded.recipe, np_, elastic=any(elastic.values()), custom_model=_custom_model(loaded))
+    check_recipe_layout(loaded.recipe, np_, elastic=any(elastic.values()), **model_kind(loaded))
 
 
-def _custom_model(loaded) -> bool:
-    from hvdkit.recipe._python import PythonRecipe
+def model_kind(loaded) -> dict:
+    """check_recipe_layout's custom_model / splits_itself for a loaded recipe."""
+    from hvdkit.recipe._python import accepts_parallel, overrides_build_model
 
-    return loaded.python is not None and type(loaded.python).build_model is not PythonRecipe.build_model
+    own = overrides_build_model(loaded.python)
+    splits = own and loaded.recipe.framework == "torch" and accepts_parallel(loaded.python)
+    return {"custom_model": own and not splits, "splits_itself": splits}
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

@@ -253,6 +253,16 @@ def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish
             signal.signal(sig, handler)
 
 
+def _build_model(py, recipe, data):
+    """The Python recipe's model; with parallel.model > 1 (torch) and a build_model that takes
+    ``parallel``, a factory the backend calls once the process sets exist (the layers need them)."""
+    from hvdkit.recipe._python import accepts_parallel
+
+    if recipe.parallel.model > 1 and recipe.framework == "torch" and accepts_parallel(py):
+        return lambda parallel: py.build_model(recipe.framework, data.input_shape, data.num_classes, parallel=parallel)
+    return py.build_model(recipe.framework, data.input_shape, data.num_classes)
+
+
 def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None,
           resume=None, force=False, summary_json=None) -> int:
     from hvdkit.core import load_builtin, print_summary, run_training
@@ -269,7 +279,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     layer = import_module(f"hvdkit.{recipe.framework}")
     py = loaded.python
     data = (py.build_data(recipe.seed) if py else None) or load_builtin(recipe.data, recipe.seed)
-    model = py.build_model(recipe.framework, data.input_shape, data.num_classes) if py else None
+    model = _build_model(py, recipe, data) if py else None
     marks["framework_imported"] = time.time()
     threads = None
     backend = layer.make_backend(recipe, data, model)  # hvd.init() happens here

@@ -184,3 +184,78 @@ def test_elastic_split_job_is_refused(tmp_path):
                   "--host-discovery-script", "/bin/true", "--no-track"], cwd=tmp_path, timeout=120)
     assert res.returncode == 2, explain(res)
     assert "elastic" in res.stderr and "fix:" in res.stderr
+
+
+# -- a Python recipe's own model, split by its build_model(..., parallel=ctx) ---------------------
+SPLIT_RECIPE = '''
+from hvdkit.recipe import PythonRecipe
+
+
+class SplitGated(PythonRecipe):
+    config = {"name": "split-gated", "model": {"name": "custom"}, "data": {"name": "digits"}, "batch_size": 32,
+              "epochs": 3, "optimizer": {"name": "adam", "lr": 0.002}, "lr_schedule": {"scale": "sqrt", "warmup_epochs": 1}}
+
+    def build_model(self, framework, input_shape, num_classes, parallel=None):
+        import torch
+        from torch import nn
+
+        width = 1
+        for d in input_shape:
+            width *= d
+
+        class Gated(nn.Module):
+            def __init__(self):
+                super().__init__()
+                if parallel is None:  # the unsplit model: what its checkpoints load into
+                    self.value, self.gate = nn.Linear(width, 128), nn.Linear(width, 128)
+                    self.out = nn.Linear(128, num_classes)
+                else:
+                    from hvdkit.torch._tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+                    ms = parallel.model_set
+                    self.value = ColumnParallelLinear(width, 128, ms, gather_output=False)
+                    self.gate = ColumnParallelLinear(width, 128, ms, gather_output=False)
+                    self.out = RowParallelLinear(128, num_classes, ms, input_is_split=True)
+
+            def forward(self, x):
+                x = x.flatten(1)
+                return self.out(torch.tanh(self.value(x)) * torch.sigmoid(self.gate(x)))
+
+        return Gated()
+'''
+
+
+def test_python_recipe_splits_its_own_model(tmp_path):
+    import numpy as np
+    import torch
+
+    from hvdkit.core.data import digits
+    from hvdkit.recipe import load_recipe
+
+    path = tmp_path / "split_gated.py"
+    path.write_text(SPLIT_RECIPE)
+    res = hvdkit(["run", str(path), "-np", "2", *FAST, "--no-track", "parallel.model=2", f"checkpoint.dir={tmp_path / 'ck'}",
+                  "--summary-json", str(tmp_path / "s.json")], cwd=tmp_path)
+    assert res.returncode == 0, explain(res)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["val_metrics"]["val_accuracy"] >= 0.9
+    # its checkpoint (Adam state included) is the unsplit model's: build_model(parallel=None) loads it
+    state = torch.load(_checkpoints(tmp_path / "ck")[-1], map_location="cpu", weights_only=False)
+    data = digits(0.2, 42)
+    model = load_recipe(path).python.build_model("torch", data.input_shape, data.num_classes)
+    model.load_state_dict(state["model"])
+    x = torch.from_numpy(np.ascontiguousarray(data.x_val.transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        acc = float((model(x).argmax(1).numpy() == data.y_val).mean())
+    assert abs(acc - summary["val_metrics"]["val_accuracy"]) < 1e-9
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        assert tuple(state["optimizer"]["state"][i]["exp_avg"].shape) == tuple(p.shape)
+
+
+def test_python_recipe_without_parallel_is_refused(tmp_path):
+    res = hvdkit(["run", str(REPO / "recipes/custom_model.py"), "-np", "2", *FAST, "--no-track", "parallel.model=2"],
+                 cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, explain(res)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "build_model" in lines[0] and "parallel=None" in lines[0], res.stderr

@@ -110,7 +110,8 @@ class ParallelLayout:
         return [g for g in self.model_groups() + self.data_groups() if len(g) < self.size]
 
 
-def check_recipe_layout(recipe: Any, np: int | None, *, elastic: bool = False, custom_model: bool = False) -> ParallelLayout | None:
+def check_recipe_layout(recipe: Any, np: int | None, *, elastic: bool = False, custom_model: bool = False,
+                        splits_itself: bool = False) -> ParallelLayout | None:
     """Refuse, before any worker starts, a ``parallel.model`` this job or this model cannot use.
 
     ``np`` is the job's rank count (None: not known yet, only the model is checked). Returns the
@@ -118,7 +119,9 @@ def check_recipe_layout(recipe: Any, np: int | None, *, elastic: bool = False, c
     ``np`` a multiple of ``parallel.model``; not elastic (a layout is fixed at start, a membership
     change would break every model group); a model hvdkit can split (the built-in MLP, whose
     column-parallel widths ``model.hidden[0], [2], ...`` must each split evenly, see
-    ``hvdkit.torch._tensor_parallel.TensorParallelMLP``).
+    ``hvdkit.torch._tensor_parallel.TensorParallelMLP``). ``custom_model``: a Python recipe builds its
+    own model and cannot split it (refused); ``splits_itself``: its build_model takes ``parallel``
+    (only ``np`` is checked here, its layers check their widths when built).
     """
     model = recipe.parallel.model
     if model == 1:
@@ -130,9 +133,13 @@ def check_recipe_layout(recipe: Any, np: int | None, *, elastic: bool = False, c
         raise ParallelError(f"parallel.model={model} in an elastic job: model groups are fixed when the job starts "
                             "and a host leaving would break one", fix="run without --elastic/--min-np/--max-np, or set parallel.model=1")
     name = recipe.model.name
+    if splits_itself:  # a Python recipe's build_model(..., parallel=ctx) builds its own split layers
+        return ParallelLayout(np, model) if np is not None else None
     if custom_model:
-        raise ParallelError(f"parallel.model={model}: this Python recipe builds its own model (build_model), "
-                            "which hvdkit cannot split yet", fix="set parallel.model=1, or drop build_model and use model.name=mlp")
+        raise ParallelError(f"parallel.model={model}: this Python recipe's build_model takes no `parallel` argument, "
+                            "so hvdkit cannot split its model",
+                            fix="give build_model a parallel=None parameter and build with ColumnParallelLinear/RowParallelLinear"
+                                "(parallel.model_set), or set parallel.model=1")
     if name != "mlp":
         raise ParallelError(f"parallel.model={model}: model {name!r} has no tensor-parallel version in hvdkit",
                             fix="use model.name=mlp (the built-in MLP splits its hidden layers), or parallel.model=1")

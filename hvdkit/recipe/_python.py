@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 
@@ -11,7 +12,11 @@ class PythonRecipe:
     ``config`` holds the same fields as a YAML recipe. Override what you need:
 
     - ``build_model(framework, input_shape, num_classes)`` returns a ``torch.nn.Module`` or a
-      ``keras.Model`` for the framework asked for (import the framework inside the method);
+      ``keras.Model`` for the framework asked for (import the framework inside the method). With
+      ``parallel.model`` > 1 (torch), a ``build_model`` that also takes ``parallel=None`` gets a
+      ``hvdkit.torch._tensor_parallel.ParallelContext``: build the split layers with
+      ``ColumnParallelLinear`` / ``RowParallelLinear(..., parallel.model_set)``, named as the
+      unsplit model's ``torch.nn.Linear`` so checkpoints (always the unsplit model) load into it;
     - ``build_data(seed)`` returns an :class:`hvdkit.core.data.ArrayDataset` (numpy arrays,
       images channel-last); the default loads ``config['data']``'s built-in dataset.
     hvdkit does the Horovod part (sharding, optimizer wrapping, broadcasts, averaging).
@@ -24,3 +29,18 @@ class PythonRecipe:
 
     def build_data(self, seed: int):
         return None  # None: use the built-in dataset named in config['data']
+
+
+def overrides_build_model(py: PythonRecipe | None) -> bool:
+    """Does this recipe build its own model (rather than the built-in one in config['model'])?"""
+    return py is not None and type(py).build_model is not PythonRecipe.build_model
+
+
+def accepts_parallel(py: PythonRecipe | None) -> bool:
+    """Does its build_model take a ``parallel`` context (a model it can split itself)?"""
+    if not overrides_build_model(py):
+        return False
+    try:
+        return "parallel" in inspect.signature(py.build_model).parameters
+    except (TypeError, ValueError):
+        return False

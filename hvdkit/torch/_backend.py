@@ -42,9 +42,11 @@ class TorchBackend:
             if os.environ.get("HOROVOD_ELASTIC") == "1":
                 raise ParallelError(f"parallel.model={recipe.parallel.model} in an elastic job",
                                     fix="run without elastic options, or set parallel.model=1")
-            if model is not None:
-                raise ParallelError(f"parallel.model={recipe.parallel.model}: a Python recipe's own model cannot be split yet",
-                                    fix="set parallel.model=1, or use model.name=mlp")
+            if model is not None and not callable_factory(model):
+                raise ParallelError(f"parallel.model={recipe.parallel.model}: this Python recipe's build_model takes no "
+                                    "`parallel` argument, so its model cannot be split",
+                                    fix="give build_model a parallel=None parameter and build with "
+                                        "ColumnParallelLinear/RowParallelLinear(parallel.model_set), or set parallel.model=1")
             # The process sets are registered by hvd.init itself (Horovod 0.28's static sets):
             # the layout needs the job's size before init, from the launcher.
             size = _launcher_size()
@@ -70,7 +72,12 @@ class TorchBackend:
         val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
         self.x_val = torch.from_numpy(np.ascontiguousarray(data.x_val[val].transpose(0, 3, 1, 2)))
         self.y_val = torch.from_numpy(data.y_val[val])
-        if split:
+        if split and model is not None:
+            # A Python recipe's own split model: built now that its process sets exist.
+            model = model(tp.ParallelContext(self.layout, self.model_set, self.data_set, self.rank))
+        if split and model is not None:
+            self.model = model
+        elif split:
             if recipe.model.name != "mlp":
                 raise ParallelError(f"parallel.model={recipe.parallel.model}: model {recipe.model.name!r} cannot be split",
                                     fix="use model.name=mlp, or parallel.model=1")
@@ -183,7 +190,7 @@ class TorchBackend:
                 # Rank 0 read the unsplit checkpoint (load_checkpoint); every rank takes its slices.
                 full = hvd.broadcast_object(self._full_state, root_rank=0, name="hvdkit.tp.resume")
                 self._full_state = None
-                self.model.load_full_state(full["model"])
+                tp.load_full_state(self.model, full["model"])
                 self.optimizer.load_state_dict(tp.split_optimizer_state(self.model, full["optimizer"]))
             tp.broadcast_parameters(self.model, self.data_set)
             return
@@ -198,7 +205,7 @@ class TorchBackend:
         """Every rank, before rank 0's save_checkpoint: a split model gathers its unsplit state
         (model and optimizer, as the plain model's) over its model group (a collective)."""
         if self.split:
-            self._full_state = {"model": self.model.full_state_dict(),
+            self._full_state = {"model": tp.full_state_dict(self.model),
                                 "optimizer": tp.full_optimizer_state(self.model, self.optimizer.state_dict())}
 
     def save_checkpoint(self, path: Path, meta: dict) -> None:
@@ -222,6 +229,11 @@ class TorchBackend:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["meta"]
+
+
+def callable_factory(model: Any) -> bool:
+    """A model factory (``parallel -> module``) rather than a built module: a Python recipe's split model."""
+    return callable(model) and not isinstance(model, torch.nn.Module)
 
 
 def _launcher_size() -> int:

@@ -385,6 +385,49 @@ def split_optimizer_state(module: "torch.nn.Module", state: dict) -> dict:
     return {"state": out, "param_groups": state["param_groups"]}
 
 
+class ParallelContext:
+    """What a Python recipe's ``build_model(..., parallel=ctx)`` gets when ``parallel.model`` > 1:
+    ``model_set`` for its :class:`ColumnParallelLinear` / :class:`RowParallelLinear` layers, the
+    ``layout``, this rank's ``model_rank`` and the ``data_set`` (gradient averaging, hvdkit's part)."""
+
+    def __init__(self, layout: ParallelLayout, model_set, data_set, rank: int) -> None:
+        self.layout, self.model_set, self.data_set = layout, model_set, data_set
+        self.model = layout.model
+        self.model_rank = layout.model_rank(rank)
+
+    def __repr__(self) -> str:
+        return f"ParallelContext(model={self.model}, data={self.layout.data}, model_rank={self.model_rank})"
+
+
+def _owners(module: "torch.nn.Module") -> dict:
+    return {name: child for name, child in module.named_modules() if isinstance(child, _ParallelLinear)}
+
+
+def full_state_dict(module: "torch.nn.Module") -> "OrderedDict[str, torch.Tensor]":
+    """Any module's unsplit state dict (a collective of the model group): its parallel linears
+    gathered (as torch.nn.Linear's), everything else as is; the keys of ``module.state_dict()``."""
+    owners = _owners(module)
+    full = {name: child.full_state_dict() for name, child in owners.items()}  # the same order on every member
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in module.state_dict().items():
+        owner, _, attr = key.rpartition(".")
+        out[key] = full[owner][attr] if owner in full else value.detach().clone()
+    return out
+
+
+def load_full_state(module: "torch.nn.Module", state: "dict[str, torch.Tensor]") -> "torch.nn.Module":
+    """Load this member's slices of an unsplit state dict into any module (no collective)."""
+    owners = _owners(module)
+    rest = {k: v for k, v in state.items() if k.rpartition(".")[0] not in owners}
+    missing, unexpected = module.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k.rpartition(".")[0] not in owners]
+    if missing or unexpected:
+        raise KeyError(f"the unsplit state does not fit this model: missing {missing}, unexpected {unexpected}")
+    for name, child in owners.items():
+        child.load_full_(state[f"{name}.weight"], state.get(f"{name}.bias"))
+    return module
+
+
 def is_tensor_parallel(p) -> bool:
     """True for a parameter this member holds a slice of (the others are whole on every member)."""
     return bool(getattr(p, "tensor_parallel", False))
@@ -410,7 +453,7 @@ def broadcast_parameters(module: "torch.nn.Module", data_set) -> None:
 
 
 __all__ = [
-    "ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP", "broadcast_parameters", "copy_to_model_parallel",
+    "ColumnParallelLinear", "ParallelContext", "RowParallelLinear", "full_state_dict", "load_full_state", "TensorParallelMLP", "broadcast_parameters", "copy_to_model_parallel",
     "full_optimizer_state", "gather_from_model_parallel", "is_tensor_parallel", "layer_comm_seconds", "make_process_sets",
     "reduce_from_model_parallel", "split_optimizer_state",
     "scatter_to_model_parallel",
