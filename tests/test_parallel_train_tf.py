@@ -143,3 +143,20 @@ def test_resume_of_a_split_job(tmp_path, keras_fit):
     assert second["first_step"] == 2 * per_epoch + 1 and second["num_steps"] == 2 * per_epoch
     assert s["epochs"] == 4 and s["steps"] == 4 * per_epoch and second["identical"]
     assert s["val_metrics"]["val_accuracy"] > first["summary"]["val_metrics"]["val_accuracy"] - 0.02
+
+
+def test_hvdkit_run_2x2_keras_fit_tracked(tmp_path, sqlite_uri):
+    """`hvdkit run` end to end (pre-launch checks, hvdkit.train, MLflow): the 2x2 hybrid with model.fit."""
+    from mlflow import MlflowClient
+
+    from conftest import hvdkit
+
+    res = hvdkit(["run", "recipes/digits.yaml", "-np", "4", "--framework", "tensorflow", "parallel.model=2", "keras_fit=true",
+                  "epochs=5", "log.progress=false", f"checkpoint.dir={tmp_path / 'ck'}"], env=worker_env(MLFLOW_TRACKING_URI=sqlite_uri))
+    assert res.returncode == 0, explain(res)
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("hvdkit").experiment_id])
+               if "hvdkit.parent_run_id" not in r.data.tags and r.data.tags.get("hvdkit.role") != "rank"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    print(f"hvdkit run 2x2 keras_fit: val_accuracy={parents[0].data.metrics['val_accuracy']:.4f}")
+    assert parents[0].data.metrics["val_accuracy"] >= 0.95

@@ -84,7 +84,7 @@ class TensorFlowBackend:
         else:
             self.model = model if model is not None else _models.build(recipe.model, data.input_shape, data.num_classes)
         self._full_state: dict | None = None  # a split model's gathered checkpoint state (prepare/load)
-        self._batch_shared: bool | None = None  # split: does the loop already give a model group one batch?
+        self._batch_checked = False  # split: the first batch is checked to be the same in a model group
         self.model(tf.convert_to_tensor(self.x[:1]), training=False)  # variables exist from here on
         self.passes = recipe.horovod.backward_passes_per_step
         self.compression = _optimizer.get_compression(recipe.horovod.compression)
@@ -137,23 +137,20 @@ class TensorFlowBackend:
         """Seconds this process spent in layer collectives (0.0 when the model is not split)."""
         return tp.layer_comm_seconds() if self.split else 0.0
 
-    def _group_indices(self, indices: np.ndarray) -> np.ndarray:
-        """A split model's forward pass needs one batch per model group. When the loop shards by
-        rank rather than by model copy, the group's first member's batch is used by all (checked
-        once, on the first batch, by an allgather in the group; a broadcast per step after that)."""
+    def _check_group_batch(self, indices: np.ndarray) -> None:
+        """A split model's forward pass needs one batch per model group: the loop shards per model
+        copy (``layout.data_rank``). Checked once, on the first batch, by an allgather in the group."""
         idx = tf.constant(np.asarray(indices, dtype=np.int64))
-        if self._batch_shared is None:
-            seen = hvd.allgather(idx[None], process_set=self.model_set, name="hvdkit.tp.batch_check").numpy()
-            self._batch_shared = bool((seen == seen[0]).all())
-        if self._batch_shared:
-            return indices
-        return hvd.broadcast(idx, root_rank=self.model_set.ranks[0], process_set=self.model_set,
-                             name="hvdkit.tp.batch").numpy()
+        seen = hvd.allgather(idx[None], process_set=self.model_set, name="hvdkit.tp.batch_check").numpy()
+        if not (seen == seen[0]).all():
+            raise RuntimeError("the members of a model group were handed different batches: shard the data by "
+                               "layout.data_rank over layout.data (hvdkit.core.loop.data_shard)")
+        self._batch_checked = True
 
     # -- the loop's contract -------------------------------------------------------------
     def batch(self, indices: np.ndarray) -> Any:
-        if self.split:
-            indices = self._group_indices(indices)
+        if self.split and not self._batch_checked:
+            self._check_group_batch(indices)
         return tf.convert_to_tensor(self.x[indices]), tf.convert_to_tensor(self.y[indices])
 
     def train_step(self, batch: Any, lr: float) -> tuple[float, float]:
@@ -171,10 +168,6 @@ class TensorFlowBackend:
             correct += int(np.sum(np.argmax(logits.numpy(), axis=1) == y))
         # Sum counts over ranks so uneven shards weigh by sample count.
         tot = self.allreduce_sum(np.array([loss_sum, correct, len(self.y_val)], dtype=np.float64))
-        if self.split and self.recipe.checkpoint.dir:
-            # Until the loop calls prepare_checkpoint() before rank 0 saves, the gather runs here:
-            # evaluation ends every epoch a checkpoint is due in (eval and checkpoint every epoch).
-            self.prepare_checkpoint()
         return {"val_loss": float(tot[0] / tot[2]), "val_accuracy": float(tot[1] / tot[2])}
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
