@@ -88,6 +88,11 @@ def test_hybrid_2x2_reaches_95_percent(hybrid):
     assert runs and {r.info.status for r in runs} == {"FINISHED"}
     parent = [r for r in runs if r.data.tags.get("hvdkit.role") == "parent"]
     assert parent and parent[0].data.metrics["val_accuracy"] >= 0.95
+    from hvdkit.tracking import TrackingConfig
+
+    if "parallel_model" in getattr(TrackingConfig, "__dataclass_fields__", {}):  # a tracker that records the layout
+        logged = [r.data.metrics.get("layer_comm_s") for r in runs if "layer_comm_s" in r.data.metrics]
+        assert logged and max(logged) > 0, [r.data.metrics for r in runs]
 
 
 def test_hybrid_checkpoint_loads_into_the_plain_mlp(hybrid):
