@@ -49,11 +49,12 @@ tracker = Tracker()
 job = JobFolder.at(recipe.checkpoint.dir, resumed=cfg.get("resume", False))
 summary = backend.fit(recipe, tracker, job=job) if recipe.keras_fit else run_training(backend, recipe, data, tracker, job=job)
 wall = time.perf_counter() - t0
-full = backend.model.full_weights()  # a collective of the model group: the unsplit model
+# a collective of the model group: the unsplit model (a plain job: its weights)
+full = backend.model.full_weights() if backend.split else {f"{i:04d}": w for i, w in enumerate(backend.model.get_weights())}
 vec = np.array([f(np.asarray(full[k], np.float64)) for k in sorted(full) for f in (np.sum, lambda a: np.sum(a * a))])
 rows = backend.gather(vec)
-info = backend.gather(np.array([backend.parameters_local(), backend.layer_comm_s, backend.data_set.size(),
-                                backend.model_set.size()], dtype=np.float64))
+sets = (backend.data_set.size(), backend.model_set.size()) if backend.split else (backend.size, 1)
+info = backend.gather(np.array([backend.parameters_local(), backend.layer_comm_s, *sets], dtype=np.float64))
 if backend.rank == 0:
     out = {"summary": dict(vars(summary)), "size": backend.size, "identical": bool((rows == rows[0]).all()),
            "params_local": info[:, 0].tolist(), "layer_comm_s": info[:, 1].tolist(), "data_set": info[:, 2].tolist(),
@@ -160,3 +161,19 @@ def test_hvdkit_run_2x2_keras_fit_tracked(tmp_path, sqlite_uri):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     print(f"hvdkit run 2x2 keras_fit: val_accuracy={parents[0].data.metrics['val_accuracy']:.4f}")
     assert parents[0].data.metrics["val_accuracy"] >= 0.95
+
+
+def test_split_checkpoint_resumes_unsplit_and_back(tmp_path):
+    """The checkpoint is the unsplit model and optimizer: a plain data-parallel job (parallel.model 1)
+    resumes a split job's checkpoint, and a split job resumes the plain one's."""
+    ckpt = tmp_path / "ckpt"
+    base = dict(DIGITS, model={"name": "mlp", "hidden": [64]}, batch_size=64, checkpoint={"dir": str(ckpt)})
+    first = run_job(tmp_path, dict(base, epochs=1, parallel={"model": 2}), 2, tag="split")
+    done = first["summary"]["steps"]  # (a step count: one model copy here, two in the plain job)
+    plain = run_job(tmp_path, dict(base, epochs=3), 2, tag="plain", resume=True)
+    assert plain["summary"]["resumed_from"].endswith("ckpt-e0001.npz") and plain["first_step"] == done + 1
+    assert plain["num_steps"] > 0 and plain["identical"]
+    again = run_job(tmp_path, dict(base, epochs=4, parallel={"model": 2}), 2, tag="again", resume=True)
+    assert again["summary"]["resumed_from"] == plain["summary"]["checkpoint"]
+    assert again["first_step"] == plain["summary"]["steps"] + 1 and again["num_steps"] > 0 and again["identical"]
+    assert again["summary"]["val_metrics"]["val_accuracy"] > first["summary"]["val_metrics"]["val_accuracy"] - 0.02
