@@ -78,10 +78,8 @@ def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> Non
 def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job=None, accelerator=None):
     from hvdkit.tracking import TrackingConfig
 
-    # parallel.model: the trackers that know it record the layout and layer_comm_s (issue 13).
-    more = {"parallel_model": recipe.parallel.model} if "parallel_model" in getattr(TrackingConfig, "__dataclass_fields__", {}) else {}
     return TrackingConfig(
-        **more,
+        parallel_model=recipe.parallel.model,  # the layout on the runs, and layer_comm_s when split
         enabled=not no_track,
         experiment=experiment_name(experiment),
         run_name=f"{recipe.name}-{recipe.framework}",
@@ -300,6 +298,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     try:
         tracker.start(params=_params(recipe), tags={"hvdkit.recipe": recipe.name, "hvdkit.framework": recipe.framework,
                                                     "hvdkit.batch_size": str(recipe.batch_size)})
+        tracker.set_model_size(backend.parameters_local())  # this rank's slice when the model is split
         marks["tracker_started"] = time.time()
         if tracker.run_id:  # rank 0 only: the runs exist there
             rank_zero(backend.rank, job.update, parent_run_id=tracker.run_id,

@@ -75,6 +75,8 @@ def test_two_ranks_one_parent_two_children_and_exact_sums(store, tmp_path):
     trackers = world.trackers(_config(uri, tmp_path, run_name="job"), hostnames=["node-a", "node-b"])
     start_all(trackers, params={"optim": {"lr": 0.1, "momentum": 0.9}, "layers": [1, 2]}, tags={keys.TAG_RECIPE: "mnist"})
     assert trackers[0].run_id is not None and trackers[0].run_id == trackers[1].run_id
+    for r, t in enumerate(trackers):
+        t.set_model_size(1000 + r)  # what the framework layer reports: its slice of the model
     for step in range(1, STEPS + 1):
         step_all(trackers, step)
         if step == 10:
@@ -95,7 +97,8 @@ def test_two_ranks_one_parent_two_children_and_exact_sums(store, tmp_path):
     assert parent.info.run_name == "job"
     assert parent.data.tags[keys.TAG_HOSTS] == "node-a,node-b"
     assert parent.data.tags[keys.TAG_WORLD_SIZE] == "2"
-    assert parent.data.params == {"optim.lr": "0.1", "optim.momentum": "0.9", "layers": "[1,2]"}
+    assert parent.data.params == {"optim.lr": "0.1", "optim.momentum": "0.9", "layers": "[1,2]",
+                                  "parallel.model": "1", "parallel.data": "2"}  # the layout, always
     assert {r.info.status for r in runs} == {"FINISHED"}
     for r, child in enumerate(children):
         assert child.info.run_name == f"rank-{r}"
@@ -109,8 +112,16 @@ def test_two_ranks_one_parent_two_children_and_exact_sums(store, tmp_path):
         for r, c in enumerate(children)
         for k in keys.RANK_VECTOR
     }
+    dense = set(keys.RANK_VECTOR) - keys.SPARSE_RANK_KEYS - {keys.LAYER_COMM_S}
     for (r, k), points in hist.items():
-        assert sorted(points) == GATHER_STEPS, (r, k)
+        if k in dense:
+            assert sorted(points) == GATHER_STEPS, (r, k)
+    for r in range(2):
+        assert hist[(r, keys.LAYER_COMM_S)] == {}, r  # the model is not split: no column of zeros
+        assert hist[(r, keys.PARAMETERS)] == {GATHER_STEPS[0]: 1000 + r}, r  # sparse: one point, it never moved
+        peak = hist[(r, keys.PEAK_RSS_MB)]
+        assert GATHER_STEPS[0] in peak and set(peak) <= set(GATHER_STEPS), (r, peak)
+        assert all(v > 0 for v in peak.values())
     for r in range(2):
         v = step_values(r, 1)
         expect_sps = v["samples"] / (v["step_time_s"] + v["data_time_s"])

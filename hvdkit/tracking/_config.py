@@ -55,6 +55,9 @@ class TrackingConfig:
     # HBM3"); None on CPU. Part of the hvdkit.host_type tag, so a GPU job never takes a CPU run as
     # its np=1 scaling baseline (efficiency.host_type).
     accelerator: str | None = None
+    # Ranks per model copy (recipe parallel.model): the parent records parallel.model/.data, each
+    # child run its model- and data-parallel rank, and layer_comm_s is logged when it is > 1.
+    parallel_model: int = 1
 
 
 def sampling(per_rank_runs: bool | int) -> int:
@@ -78,6 +81,9 @@ def validate(config: TrackingConfig, world: World) -> None:
     unknown = set(config.skip_keys) - keys.RANK_KEY_NAMES
     if unknown:
         raise UsageError(f"tracking skip_keys {sorted(unknown)} are not per-rank keys", fix=f"pick from {list(keys.RANK_VECTOR)}")
+    if not isinstance(config.parallel_model, int) or config.parallel_model < 1 or world.size % config.parallel_model:
+        raise UsageError(f"tracking parallel_model={config.parallel_model!r} does not divide {world.size} ranks",
+                         fix="pass the recipe's parallel.model")
     if world.size < 1 or not 0 <= world.rank < world.size:
         raise UsageError(f"rank {world.rank} of size {world.size} is not a valid world", fix="fill World from hvd")
     if world.hostnames and len(world.hostnames) != world.size:

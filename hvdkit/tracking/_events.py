@@ -25,9 +25,12 @@ class ChildRows:
         self.refs = refs or [f"rank{r}" for r in ranks]  # an elastic job's worker runs have refs of their own
 
     def events(self) -> list[dict]:
-        names, ts, step, skip = keys.RANK_VECTOR, self.ts, self.step, self.skip
+        names, ts, step, skip, sparse = keys.RANK_VECTOR, self.ts, self.step, self.skip, keys.SPARSE_RANK_KEYS
+        # A sparse key's NaN means "unchanged since its last point" (JobTracker._thin_sparse); any
+        # other key's NaN is a measurement (a diverged loss) and is kept.
         return [
-            {"op": "log_batch", "ref": ref, "metrics": [[k, v, ts, step] for k, v in zip(names, row) if k not in skip]}
+            {"op": "log_batch", "ref": ref, "metrics": [[k, v, ts, step] for k, v in zip(names, row)
+                                                        if k not in skip and not (k in sparse and v != v)]}
             for ref, row in zip(self.refs, self.rows.tolist())
         ]
 

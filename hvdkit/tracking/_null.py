@@ -24,6 +24,9 @@ class NullJobTracker:
     def record_step(self, step: int, **_: float) -> None:
         pass
 
+    def set_model_size(self, parameters: int) -> None:
+        pass
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 

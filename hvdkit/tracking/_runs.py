@@ -101,13 +101,19 @@ def creation_events(config: TrackingConfig, world: World, tags: Mapping[str, str
         # Params were logged by the first start and cannot change; the resume count is a tag.
         add({"op": "log_batch", "ref": "parent", "metrics": [], "tags": {keys.TAG_RESUMES: str(config.resumes)}})
     elif params:
-        add({"op": "log_batch", "ref": "parent", "metrics": [], "params": dict(params), "tags": {}})
+        # The layout a run is compared by in the UI: ranks per model copy, and copies.
+        layout = {"parallel.model": str(config.parallel_model), "parallel.data": str(world.size // config.parallel_model)}
+        add({"op": "log_batch", "ref": "parent", "metrics": [], "params": {**dict(params), **layout}, "tags": {}})
     hosts = world.hostnames or [""] * world.size
     inherited = {k: tags[k] for k in INHERITED_TAGS if k in tags}
     local = local_ranks(hosts)
     for r in children:
         child = dict(inherited)
         child.update({keys.TAG_ROLE: keys.ROLE_RANK, keys.TAG_RANK: str(r), keys.TAG_LOCAL_RANK: str(local[r])})
+        if config.parallel_model > 1:
+            # Consecutive ranks share a model copy (hvdkit.core._layout.ParallelLayout).
+            child[keys.TAG_MODEL_RANK] = str(r % config.parallel_model)
+            child[keys.TAG_DATA_RANK] = str(r // config.parallel_model)
         if hosts[r]:
             child[keys.TAG_HOST] = hosts[r]
         add(

@@ -40,7 +40,17 @@ from hvdkit.tracking._writer import CloseReport, SpoolWriter
 log = logging.getLogger("hvdkit.tracking")
 
 _NCOLS = len(keys.RANK_VECTOR)
-_SPS, _STEP, _DATA, _COMM, _LOSS, _RSS = range(_NCOLS)
+_SPS, _STEP, _DATA, _COMM, _LOSS, _RSS, _LAYER, _PEAK, _PARAMS = range(_NCOLS)
+_SPARSE_COLS = [keys.RANK_VECTOR.index(k) for k in sorted(keys.SPARSE_RANK_KEYS)]
+assert min(_SPARSE_COLS) == _PEAK and max(_SPARSE_COLS) == _NCOLS - 1  # sparse keys last: table[:, :_PEAK] is dense
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux: ru_maxrss in KiB; macOS: bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1048576.0 if sys.platform == "darwin" else 1024.0)
 
 
 class JobTracker:
@@ -72,7 +82,10 @@ class JobTracker:
         self._broadcast = broadcast_object
         self._writer = writer
         self._log_every = config.log_every
-        self._skip = frozenset(config.skip_keys)
+        # layer_comm_s only where the model is split: elsewhere it would be a column of zeros.
+        self._skip = frozenset(config.skip_keys) | (frozenset({keys.LAYER_COMM_S}) if config.parallel_model == 1 else frozenset())
+        self._parameters = math.nan  # set_model_size(); NaN (not logged) until the framework layer says
+        self._sparse_sent: dict[str, np.ndarray] = {}  # rank 0: child ref -> the sparse values last logged
         self._sampling = sampling(config.per_rank_runs)
         self._children = list(range(0, world.size, self._sampling)) if self._sampling else []
         self._child_refs: list[str] | None = None  # elastic jobs: the ref of each of _children (membership_changed)
@@ -244,6 +257,7 @@ class JobTracker:
         self._step_t = 0.0
         self._data_t = 0.0
         self._comm_t = 0.0
+        self._layer_t = 0.0
         self._loss = 0.0
 
     def record_step(
@@ -255,6 +269,7 @@ class JobTracker:
         data_time_s: float,
         comm_wait_s: float,
         loss: float,
+        layer_comm_s: float = 0.0,
     ) -> None:
         """Account one training step (Python numbers: a framework tensor here would sync the
         device and keep a graph alive). Every ``log_every`` steps: gather, on every rank."""
@@ -263,10 +278,16 @@ class JobTracker:
         self._step_t += step_time_s
         self._data_t += data_time_s
         self._comm_t += comm_wait_s
+        self._layer_t += layer_comm_s
         self._loss += loss
         self._last_step = step
         if step % self._log_every == 0:
             self._gather(step)
+
+    def set_model_size(self, parameters: int) -> None:
+        """The number of model parameters this rank holds (its slice when the model is split):
+        logged on its child run at the next gather. Every rank calls it; no collective."""
+        self._parameters = float(parameters)
 
     def _rss_mb(self) -> float:
         if self._proc is None:
@@ -297,6 +318,9 @@ class JobTracker:
         vec[_COMM] = self._comm_t / n
         vec[_LOSS] = self._loss / n
         vec[_RSS] = self._rss_mb()
+        vec[_LAYER] = self._layer_t / n
+        vec[_PEAK] = _peak_rss_mb()
+        vec[_PARAMS] = self._parameters
         self._reset()
         if self._gather_async is not None and not final:
             # The previous interval's gather finished long ago (an interval of training ran
@@ -317,13 +341,14 @@ class JobTracker:
     def _emit_gather(self, step: int, table: np.ndarray, ts: int | None = None) -> None:
         ts = now_ms() if ts is None else ts
         submit = self._pending.append
-        if not np.isfinite(table).all():
-            self._report_nonfinite(step, table)
+        measured = table[:, :_PEAK]  # the sparse columns hold NaN for "not known" (see _thin_sparse)
+        if not np.isfinite(measured).all():
+            self._report_nonfinite(step, measured)
         if self._children:
             # One queue item for all children, expanded into per-run events on the spool thread:
             # with 512 ranks, building 512 events here would cost rank 0 (and, through the next
             # collective, every rank) milliseconds per interval.
-            submit(ChildRows(table[self._children], self._children, ts, step, self._skip, self._child_refs))
+            submit(ChildRows(self._thin_sparse(table[self._children]), self._children, ts, step, self._skip, self._child_refs))
         step_times = table[:, _STEP]
         metrics = [[keys.WORLD_SIZE, float(self.world.size), ts, step]]
         if keys.SAMPLES_PER_SEC not in self._skip:
@@ -340,6 +365,21 @@ class JobTracker:
         if now >= self._next_flush:
             self._flush_pending()
             self._next_flush = now + self._flush_every
+
+    def _thin_sparse(self, rows: np.ndarray) -> np.ndarray:
+        """Blank (NaN: ChildRows skips it) each sparse key that did not move since the child run's
+        last point: peak RSS by less than 1 MiB, the parameter count at all."""
+        refs = self._child_refs or [f"rank{r}" for r in self._children]
+        for i, ref in enumerate(refs):
+            now = rows[i, _SPARSE_COLS]
+            last = self._sparse_sent.get(ref)
+            if last is None:
+                self._sparse_sent[ref] = now.copy()
+                continue
+            same = ~(np.abs(now - last) >= 1.0)  # NaN on either side counts as unchanged
+            rows[i, _SPARSE_COLS] = np.where(same, np.nan, now)
+            last[~same] = now[~same]
+        return rows
 
     def _flush_pending(self) -> None:
         """Hand the buffered gathers to the writer (one queue item). Called before any other

@@ -29,6 +29,13 @@ RANK_KEYS: tuple[MetricKey, ...] = (
     MetricKey("comm_wait_s", "s", "mean time blocked on gradient averaging per step", "rank"),
     MetricKey("loss", "", "mean training loss over the interval", "rank"),
     MetricKey("rss_mb", "MiB", "resident memory of the rank's process at the gather", "rank"),
+    # Model parallelism (recipe ``parallel.model`` > 1): comm_wait_s stays the gradient averaging
+    # (over the data-parallel group); this is the split layers' own collectives, in the forward
+    # and backward pass. Not logged when the model is not split.
+    MetricKey("layer_comm_s", "s", "mean time in the model-parallel layers' collectives per step", "rank"),
+    # Sparse keys (SPARSE_RANK_KEYS): logged when they change, not every interval.
+    MetricKey("peak_rss_mb", "MiB", "peak resident memory of the rank's process so far", "rank"),
+    MetricKey("parameters", "", "model parameters this rank holds (a slice of the model when it is split)", "rank"),
 )
 
 # Job keys, logged on the parent run.
@@ -57,6 +64,9 @@ DATA_TIME_S = "data_time_s"
 COMM_WAIT_S = "comm_wait_s"
 LOSS = "loss"
 RSS_MB = "rss_mb"
+LAYER_COMM_S = "layer_comm_s"
+PEAK_RSS_MB = "peak_rss_mb"
+PARAMETERS = "parameters"
 VAL_LOSS = "val_loss"
 VAL_ACCURACY = "val_accuracy"
 STRAGGLER_RATIO = "straggler_ratio"
@@ -72,6 +82,9 @@ RANK_VECTOR: tuple[str, ...] = tuple(k.name for k in RANK_KEYS)
 """Column order of the ``[size, k]`` array the gather returns."""
 
 RANK_KEY_NAMES = frozenset(RANK_VECTOR)
+# Per-rank keys that barely change: a point when the value moved (peak RSS by 1 MiB or more, the
+# parameter count once), so they do not add to every interval's writes (docs/benchmarks.md).
+SPARSE_RANK_KEYS = frozenset({PEAK_RSS_MB, PARAMETERS})
 JOB_KEY_NAMES = frozenset(k.name for k in JOB_KEYS)
 
 # Tags. ``hvdkit.*`` are ours; MLflow's own tags we set are named here too so nothing else
@@ -79,6 +92,10 @@ JOB_KEY_NAMES = frozenset(k.name for k in JOB_KEYS)
 TAG_ROLE = "hvdkit.role"  # parent | rank | sweep
 TAG_RANK = "hvdkit.rank"
 TAG_LOCAL_RANK = "hvdkit.local_rank"
+# Model parallelism (child runs of a job with parallel.model > 1): the rank's position in its
+# model-parallel group (which slice it holds) and in its data-parallel group (which copy).
+TAG_MODEL_RANK = "hvdkit.model_rank"
+TAG_DATA_RANK = "hvdkit.data_rank"
 TAG_HOST = "hvdkit.host"  # the host of one rank (child runs)
 TAG_HOSTS = "hvdkit.hosts"  # comma-joined unique hosts of all ranks (parent run)
 TAG_RECIPE = "hvdkit.recipe"
@@ -122,6 +139,12 @@ def describe(scope: Scope | None = None) -> list[MetricKey]:
 
 
 __all__ = [
+    "TAG_DATA_RANK",
+    "TAG_MODEL_RANK",
+    "SPARSE_RANK_KEYS",
+    "PARAMETERS",
+    "PEAK_RSS_MB",
+    "LAYER_COMM_S",
     "COMM_WAIT_S",
     "DATA_TIME_S",
     "ENV_JOB_ID",
