@@ -13,7 +13,7 @@ from bench import _common as C
 BENCHES = ("tracking", "scaling", "ddp", "writer", "launch")
 # Not in "all": the outage bench takes ~15 min of its own (each job outlasts a 60 s outage)
 # and needs root for PostgreSQL.
-EXTRA = ("outage", "slurm")  # slurm: root and the two-node cluster of .ci/slurm
+EXTRA = ("outage", "slurm", "parallelism")  # slurm: root and the two-node cluster of .ci/slurm; parallelism: joins "all" once its page is written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,8 @@ def _fmt(unit: str | None) -> Callable[[float | None], str]:
             return f"{v:.3f}"
         if unit == "s":
             return f"{v:.2f}s"
+        if unit in ("MB", "M"):  # megabytes, millions of parameters
+            return f"{v:,.2f}"
         return f"{v:,.0f}"
 
     return f

@@ -68,11 +68,11 @@ def _first_step_mark(marks: dict):
     return after_step
 
 
-def _write_summary_json(path, summary, recipe, size, marks, threads=None) -> None:
+def _write_summary_json(path, summary, recipe, size, marks, threads=None, comm_bytes=None) -> None:
     atomic_write_json(path, {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
                              "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
                              "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks,
-                             "thread_cpu_s": threads or {}}, compact=True)
+                             "thread_cpu_s": threads or {}, "comm_bytes": comm_bytes or {}}, compact=True)
 
 
 def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job=None, accelerator=None):
@@ -323,7 +323,8 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         end_job(tracker, rank_zero(backend.rank, lambda: job), status, summary.steps if summary else 0, previous)
         if summary_json and status == "FINISHED":
             marks["finished"] = time.time()
-            rank_zero(backend.rank, _write_summary_json, summary_json, summary, recipe, backend.size, marks, threads)
+            rank_zero(backend.rank, _write_summary_json, summary_json, summary, recipe, backend.size, marks, threads,
+                      getattr(backend, "comm_bytes", dict)())  # torch: rank 0's collective bytes
 
 
 def _progress_bar(total: int, initial: int):

@@ -88,11 +88,18 @@ def test_hybrid_2x2_reaches_95_percent(hybrid):
     assert runs and {r.info.status for r in runs} == {"FINISHED"}
     parent = [r for r in runs if r.data.tags.get("hvdkit.role") == "parent"]
     assert parent and parent[0].data.metrics["val_accuracy"] >= 0.95
-    from hvdkit.tracking import TrackingConfig
-
-    if "parallel_model" in getattr(TrackingConfig, "__dataclass_fields__", {}):  # a tracker that records the layout
-        logged = [r.data.metrics.get("layer_comm_s") for r in runs if "layer_comm_s" in r.data.metrics]
-        assert logged and max(logged) > 0, [r.data.metrics for r in runs]
+    assert parent[0].data.params["parallel.model"] == "2" and parent[0].data.params["parallel.data"] == "2"
+    children = sorted((r for r in runs if r.data.tags.get("hvdkit.role") == "rank"), key=lambda r: int(r.data.tags["hvdkit.rank"]))
+    assert [(c.data.tags["hvdkit.model_rank"], c.data.tags["hvdkit.data_rank"]) for c in children] == [
+        ("0", "0"), ("1", "0"), ("0", "1"), ("1", "1")]  # consecutive ranks share a model copy
+    assert all(c.data.metrics["layer_comm_s"] > 0 for c in children), [c.data.metrics for c in children]
+    # the built-in MLP [256, 128] split in 2: 64*128+128 (column) + 128*128+128 (row, bias whole) + 128*10+10
+    assert {c.data.metrics["parameters"] for c in children} == {64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10}
+    # sparse: its last point is within 1 MiB of the true peak, which is at least the last RSS
+    assert all(c.data.metrics["peak_rss_mb"] >= c.data.metrics["rss_mb"] - 1 > 0 for c in children), [c.data.metrics for c in children]
+    # counted: each rank averages its 4-byte parameters with the other copy's same slice every step
+    assert summary["comm_bytes"]["gradient_per_step"] == 4 * (64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10)
+    assert summary["comm_bytes"]["layer_total"] > 0
 
 
 def test_hybrid_checkpoint_loads_into_the_plain_mlp(hybrid):
@@ -112,6 +119,8 @@ def test_np2_model2_runs(tmp_path):
     assert res.returncode == 0, explain(res)
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["steps"] == 2 * 44  # one model copy: every batch of 32, on both ranks
+    # the only copy: no gradient averaging at all, only the layers' collectives
+    assert summary["comm_bytes"]["gradient_per_step"] == 0 and summary["comm_bytes"]["layer_total"] > 0
     assert summary["val_metrics"]["val_accuracy"] > 0.8
     _plain_accuracy(_checkpoints(tmp_path / "ck")[-1])
 

@@ -119,6 +119,12 @@ class TorchBackend:
         """This rank's parameter count (its slices plus the whole parameters it holds)."""
         return int(sum(p.numel() for p in self.model.parameters()))
 
+    def comm_bytes(self) -> dict[str, int]:
+        """What this rank hands to collectives: the gradients it averages each step (0 when it is
+        the only holder of its slice) and the layer collectives' bytes so far (bench/parallelism)."""
+        grads = sum(p.numel() * p.element_size() for p in self.model.parameters()) if self.layout.data > 1 else 0
+        return {"gradient_per_step": int(grads), "layer_total": tp.layer_comm_bytes() if self.split else 0}
+
     @property
     def layer_comm_s(self) -> float:
         """Seconds this process spent in layer collectives (0.0 when the model is not split)."""

@@ -53,6 +53,7 @@ def _size_rank(process_set) -> tuple[int, int]:
 
 # -- time in layer collectives --------------------------------------------------------------------
 _comm_s = [0.0]  # this process's seconds inside the layers' collectives (forward and backward)
+_comm_bytes = [0]  # and the bytes it handed them (each collective's input tensor): bench/parallelism
 
 
 def layer_comm_seconds() -> float:
@@ -60,7 +61,13 @@ def layer_comm_seconds() -> float:
     return _comm_s[0]
 
 
+def layer_comm_bytes() -> int:
+    """Cumulative bytes this process handed to layer collectives (the input of each)."""
+    return _comm_bytes[0]
+
+
 def _timed(fn, *args, **kwargs):
+    _comm_bytes[0] += args[0].numel() * args[0].element_size()
     t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
