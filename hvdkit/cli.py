@@ -349,7 +349,7 @@ def scale(recipe, np_list, framework, log_every, experiment, tracking_uri, basel
         sys.exit(130 if res.status == "KILLED" else 1)
 
 
-_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch", "outage")
+_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch", "parallelism", "outage")
 
 
 @main.command("bench")

@@ -4,6 +4,7 @@ results with their ratio fields, and the closing table."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -76,3 +77,26 @@ def test_hvdkit_bench_rejects_bad_reps():
     res = hvdkit(["bench", "writer", "--reps", "0"], timeout=60)
     assert res.returncode == 2
     assert "--reps 0 must be at least 1" in res.stderr
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_parallelism_bench_quick_counts_what_a_split_saves(tmp_path):
+    """np=2 data parallel against model parallel (M=2), tiny MLP [64, 64]: the split rank holds its
+    slice and averages no gradients; the counts come from the jobs and their MLflow runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = subprocess.run([sys.executable, "-m", "bench", "parallelism", "--quick"], capture_output=True, text=True,
+                         timeout=600, cwd=REPO, env=worker_env(TMPDIR=str(tmp_path), MLFLOW_TRACKING_URI=uri))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    objs, table = _lines(res.stdout)
+    got = {o["layout"]: o for o in objs if o["kind"] == "measurement"}
+    assert set(got) == {"np=2 data", "np=2 model"}, objs
+    data, split = got["np=2 data"], got["np=2 model"]
+    full = 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10  # digits' 64 inputs, [64, 64], 10 classes
+    assert round(data["parameters_per_rank_m"] * 1e6) == full
+    # column 64->32 and row 32->64 (its bias whole), the 64->10 output layer replicated
+    assert round(split["parameters_per_rank_m"] * 1e6) == 64 * 32 + 32 + 32 * 64 + 64 + 64 * 10 + 10
+    assert math.isclose(data["gradient_mb_per_step"], 4 * full / 1e6) and data["layer_mb_per_step"] == 0
+    assert split["gradient_mb_per_step"] == 0 and math.isclose(split["layer_mb_per_step"], 32 * 64 * 4 / 1e6)
+    assert all(o["samples_per_sec"] > 0 and o["peak_rss_mb_per_rank"] > 0 for o in got.values())
+    assert any("np=2 model: parameters_per_rank_m" in line for line in table)
