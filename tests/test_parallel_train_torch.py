@@ -8,6 +8,7 @@ split job resumes from them; bad layouts are refused before any worker starts.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -93,6 +94,13 @@ def test_hybrid_2x2_reaches_95_percent(hybrid):
     assert [(c.data.tags["hvdkit.model_rank"], c.data.tags["hvdkit.data_rank"]) for c in children] == [
         ("0", "0"), ("1", "0"), ("0", "1"), ("1", "1")]  # consecutive ranks share a model copy
     assert all(c.data.metrics["layer_comm_s"] > 0 for c in children), [c.data.metrics for c in children]
+    # the job's samples/s counts each sample once: the 2 ranks of a copy both process it
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=hybrid["uri"])
+    hist = lambda run: {m.step: m.value for m in client.get_metric_history(run.info.run_id, "samples_per_sec")}  # noqa: E731
+    job, ranks = hist(parent[0]), [hist(c) for c in children]
+    assert job and all(math.isclose(v, sum(r[s] for r in ranks) / 2, rel_tol=1e-12) for s, v in job.items()), (job, ranks)
     # the built-in MLP [256, 128] split in 2: 64*128+128 (column) + 128*128+128 (row, bias whole) + 128*10+10
     assert {c.data.metrics["parameters"] for c in children} == {64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10}
     # sparse: its last point is within 1 MiB of the true peak, which is at least the last RSS

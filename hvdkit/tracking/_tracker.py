@@ -332,11 +332,16 @@ class JobTracker:
         self._record_history(table)
         self._emit(step, table)
 
+    def _job_rate(self, table: np.ndarray) -> float:
+        """The job's samples/s: the ranks' sum, counting once a sample that the M ranks of a model
+        copy all process (each holds a slice of the same forward pass)."""
+        return math.fsum(table[:, _SPS].tolist()) / self.config.parallel_model
+
     def _record_history(self, table: np.ndarray) -> None:
         # Every rank, not only the writer: the table is an allgather, and a survivor that becomes
         # rank 0 of an elastic job needs the job's throughput so far (membership epochs' T).
         if keys.SAMPLES_PER_SEC not in self._skip:
-            self._history.append(math.fsum(table[:, _SPS].tolist()))
+            self._history.append(self._job_rate(table))
 
     def _emit_gather(self, step: int, table: np.ndarray, ts: int | None = None) -> None:
         ts = now_ms() if ts is None else ts
@@ -353,7 +358,7 @@ class JobTracker:
         metrics = [[keys.WORLD_SIZE, float(self.world.size), ts, step]]
         if keys.SAMPLES_PER_SEC not in self._skip:
             # fsum: the exact sum of the values the children store, whatever order one adds them in.
-            total = math.fsum(table[:, _SPS].tolist())
+            total = self._job_rate(table)
             metrics.append([keys.SAMPLES_PER_SEC, total, ts, step])
         if keys.LOSS not in self._skip:
             metrics.append([keys.LOSS, math.fsum(table[:, _LOSS].tolist()) / self.world.size, ts, step])
