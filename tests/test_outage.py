@@ -194,7 +194,7 @@ def _check_exact(stored: dict, steps: int) -> dict[str, int]:
     assert set(stored) == {"parent", "rank0", "rank1"}
     assert set(stored["parent"]) == PARENT_KEYS, sorted(stored["parent"])
     for ref in ("rank0", "rank1"):
-        assert set(stored[ref]) == set(DENSE) | {keys.PEAK_RSS_MB}, (ref, sorted(stored[ref]))
+        assert set(stored[ref]) == set(DENSE) | {keys.PEAK_RSS_MB, keys.PARAMETERS}, (ref, sorted(stored[ref]))
     for ref, by_key in stored.items():
         for key, points in by_key.items():
             if key in keys.SPARSE_RANK_KEYS:  # a point when it moves: the first gather, then some
