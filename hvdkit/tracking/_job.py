@@ -50,7 +50,7 @@ def open_job_tracker(
         # A resumed job writes a spool of its own (<job id>.r<n>) next to the first one's.
         name = f"{job_id}.r{config.resumes}" if config.resumes and job_id else None
         spool = Spool.create(config.spool_dir, job_id or new_job_id(), absolute_uri(uri), name=name)
-        return SpoolWriter(spool, uri, keep_spool=config.keep_spool)
+        return SpoolWriter(spool, uri, keep_spool=config.keep_spool, apply_process=True)
 
     writer = rank_zero(world.rank, make_writer, default=NullWriter())
     return JobTracker(config, world, gather, broadcast_object, writer, job_id, gather_async=gather_async)

@@ -478,7 +478,7 @@ class JobTracker:
         uri = resolve_tracking_uri(self.config.tracking_uri)
         spool = Spool.create(self.config.spool_dir, str(self.job_id), absolute_uri(uri), name=spool_name)
         spool.save_state(absolute_uri(uri), TargetState(runs=dict(runs)))
-        self._writer = SpoolWriter(spool, uri, keep_spool=self.config.keep_spool)
+        self._writer = SpoolWriter(spool, uri, keep_spool=self.config.keep_spool, apply_process=True)
         self._parent_tags = dict(parent_tags)
 
     def submit_events(self, events: list[dict]) -> None:

@@ -4,7 +4,9 @@ Two daemon threads, so a slow or dead store never delays the spool:
 
 * the spool thread drains the queue and appends events to ``events.jsonl`` (local disk);
 * the apply thread reads the spool from its cursor and applies it to MLflow (see ``_apply``),
-  retrying with backoff while the store is unavailable.
+  retrying with backoff while the store is unavailable. A job's writer has the applying itself
+  done by a child process (``_apply_process``), so MLflow's Python never holds training's GIL;
+  the thread only relays requests and results.
 
 Because the apply thread reads whatever has accumulated, a store that falls behind gets fewer,
 fuller ``log_batch`` calls per run: the backlog itself is the batching.
@@ -21,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from hvdkit.tracking._apply import Applier, StoreUnavailable
+from hvdkit.tracking._apply_process import ApplierProcess, ApplyProcessFailed
 from hvdkit.tracking.keys import ENV_SQLITE_BULK_METRICS
 from hvdkit.tracking._spool import Event, Spool
 from hvdkit.tracking._uri import absolute_uri, is_remote
@@ -53,7 +56,7 @@ class CloseReport:
 
 
 class SpoolWriter:
-    def __init__(self, spool: Spool, tracking_uri: str, *, keep_spool: bool = False) -> None:
+    def __init__(self, spool: Spool, tracking_uri: str, *, keep_spool: bool = False, apply_process: bool = False) -> None:
         self.spool = spool
         self.tracking_uri = absolute_uri(tracking_uri)
         self.keep_spool = keep_spool
@@ -74,8 +77,12 @@ class SpoolWriter:
         self._abandon = False
         self._closed: CloseReport | None = None
         self._run_ids: dict[str, str] = {}
-        self._applier = Applier(
-            spool, self.tracking_uri, workers=4 if is_remote(self.tracking_uri) else 1, on_run_created=self._created
+        workers = 4 if is_remote(self.tracking_uri) else 1
+        # A job's writer applies from a process of its own (see _apply_process: MLflow's Python
+        # takes no GIL from training); the thread-local Applier serves tools and unit tests.
+        applier_type = ApplierProcess if apply_process else Applier
+        self._applier: Applier | ApplierProcess = applier_type(
+            spool, self.tracking_uri, workers=workers, on_run_created=self._created
         )
         self._spool_thread = threading.Thread(target=self._spool_loop, name="hvdkit-spool", daemon=True)
         self._apply_thread = threading.Thread(target=self._apply_loop, name="hvdkit-apply", daemon=True)
@@ -130,8 +137,10 @@ class SpoolWriter:
                 self._cond.wait(left)
             self._abandon = True
             self._cond.notify_all()
-        # Usually quick (it returns on _abandon); it may also be inside a store call that outlives
-        # our deadline. It is a daemon and applying is idempotent, so we do not wait on it.
+        if isinstance(self._applier, ApplierProcess):
+            self._applier.close()  # a store call that outlives the deadline is cut short: idempotent
+        # Usually quick (it returns on _abandon); in-thread, it may also be inside a store call that
+        # outlives our deadline. It is a daemon and applying is idempotent, so we do not wait on it.
         self._apply_thread.join(1.0)
         report = CloseReport(self._spooled, self._applied, str(self.spool.dir), self._applier.stats.dropped)
         if self._spool_failed:
@@ -240,6 +249,13 @@ class SpoolWriter:
                 if self._closing:
                     time.sleep(min(backoff, 0.5))  # close() is waiting: retry soon, but do not spin
                 continue
+            except ApplyProcessFailed as exc:
+                if not self._abandon:  # else close() ended the apply process under this call
+                    log.error("hvdkit tracking: %s; the spool keeps the rest in %s", exc, self.spool.dir)
+                with self._cond:
+                    self._failures += 1
+                    self._cond.notify_all()
+                return
             except Exception:  # a bug in apply must not take training down, nor spin
                 log.exception("hvdkit tracking: applying the spool failed; it stays in %s", self.spool.dir)
                 with self._cond:
