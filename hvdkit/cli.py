@@ -123,17 +123,9 @@ def _elastic_options(f):
 def _check_layout(loaded, np_: int, elastic: dict) -> None:
     """parallel.model against -np, elastic and the model: one line, exit 2, before anything starts."""
     from hvdkit.core._layout import check_recipe_layout
+    from hvdkit.recipe._python import model_kind
 
-    check_recipe_layout(loaded.recipe, np_, elastic=any(elastic.values()), **model_kind(loaded))
-
-
-def model_kind(loaded) -> dict:
-    """check_recipe_layout's custom_model / splits_itself for a loaded recipe."""
-    from hvdkit.recipe._python import accepts_parallel, overrides_build_model
-
-    own = overrides_build_model(loaded.python)
-    splits = own and loaded.recipe.framework == "torch" and accepts_parallel(loaded.python)
-    return {"custom_model": own and not splits, "splits_itself": splits}
+    check_recipe_layout(loaded.recipe, np_, elastic=any(elastic.values()), **model_kind(loaded.python))
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

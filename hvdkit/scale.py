@@ -135,12 +135,10 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
     L.check_framework_built(recipe.framework)
     L.check_ssh(host_slots, opts)
     from hvdkit.core._layout import check_recipe_layout
-    from hvdkit.recipe._python import accepts_parallel, overrides_build_model
+    from hvdkit.recipe._python import model_kind
 
-    own = overrides_build_model(loaded.python)
-    splits = own and recipe.framework == "torch" and accepts_parallel(loaded.python)
     for n in nps:  # parallel.model must divide every N of the sweep: one line, exit 2, nothing started
-        check_recipe_layout(recipe, n, custom_model=own and not splits, splits_itself=splits)
+        check_recipe_layout(recipe, n, elastic=False, **model_kind(loaded.python))
     # One store and one experiment for the sweep and every job: the jobs get both explicitly, so
     # neither the workers' cwd nor their environment can send a job elsewhere (a job nested under
     # a run of another experiment would not show under it in the UI).

@@ -252,11 +252,11 @@ def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish
 
 
 def _build_model(py, recipe, data):
-    """The Python recipe's model; with parallel.model > 1 (torch) and a build_model that takes
+    """The Python recipe's model; with parallel.model > 1 and a build_model that takes
     ``parallel``, a factory the backend calls once the process sets exist (the layers need them)."""
     from hvdkit.recipe._python import accepts_parallel
 
-    if recipe.parallel.model > 1 and recipe.framework == "torch" and accepts_parallel(py):
+    if recipe.parallel.model > 1 and accepts_parallel(py):
         return lambda parallel: py.build_model(recipe.framework, data.input_shape, data.num_classes, parallel=parallel)
     return py.build_model(recipe.framework, data.input_shape, data.num_classes)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, explain, worker_env
+from conftest import REPO, explain, hvdkit, worker_env
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("horovod.tensorflow")
@@ -177,3 +177,73 @@ def test_split_checkpoint_resumes_unsplit_and_back(tmp_path):
     assert again["summary"]["resumed_from"] == plain["summary"]["checkpoint"]
     assert again["first_step"] == plain["summary"]["steps"] + 1 and again["num_steps"] > 0 and again["identical"]
     assert again["summary"]["val_metrics"]["val_accuracy"] > first["summary"]["val_metrics"]["val_accuracy"] - 0.02
+
+
+SPLIT_RECIPE = r'''
+from hvdkit.recipe import PythonRecipe
+
+
+class SplitKeras(PythonRecipe):
+    config = {"name": "split-keras", "model": {"name": "custom"}, "data": {"name": "digits"}, "batch_size": 32,
+              "epochs": 6, "optimizer": {"name": "adam", "lr": 0.002}, "log": {"progress": False}, "threads": 1}
+
+    def build_model(self, framework, input_shape, num_classes, parallel=None):
+        import keras
+
+        width = 1
+        for d in input_shape:
+            width *= d
+
+        class Net(keras.Model):
+            def __init__(self):
+                super().__init__(name="net")
+                self.flat = keras.layers.Flatten()
+                if parallel is None:
+                    self.col = keras.layers.Dense(128, activation="relu", name="col")
+                    self.row = keras.layers.Dense(num_classes, name="row")
+                else:
+                    from hvdkit.tensorflow._tensor_parallel import ColumnParallelDense, RowParallelDense
+
+                    self.col = ColumnParallelDense(width, 128, parallel.model_set, gather_output=False, activation="relu", name="col")
+                    self.row = RowParallelDense(128, num_classes, parallel.model_set, input_is_split=True, name="row")
+
+            def call(self, x):
+                return self.row(self.col(self.flat(x)))
+
+        return Net()
+'''
+
+def test_python_recipe_splits_its_own_model(tmp_path):
+    """A Keras build_model(..., parallel=ctx) of a column then a row layer: `hvdkit run -np 2
+    parallel.model=2` learns digits, and its checkpoint (the unsplit model and Adam's moments) loads
+    into build_model(parallel=None) with the same accuracy."""
+    recipe = tmp_path / "split_keras.py"
+    recipe.write_text(SPLIT_RECIPE)
+    res = hvdkit(["run", str(recipe), "-np", "2", "--framework", "tensorflow", "--no-track", "parallel.model=2",
+                  f"checkpoint.dir={tmp_path / 'ck'}", "--summary-json", str(tmp_path / "s.json")], cwd=tmp_path)
+    assert res.returncode == 0, explain(res)
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["val_metrics"]["val_accuracy"] >= 0.9
+    ckpt = sorted((tmp_path / "ck").rglob("ckpt-e*"))[-1]  # the last epoch's
+    code = f'''
+import json, numpy as np
+from hvdkit.core.data import digits
+from hvdkit.recipe import load_recipe
+data = digits(0.2, 42)
+model = load_recipe({str(recipe)!r}).python.build_model("tensorflow", data.input_shape, data.num_classes)
+model(data.x_val[:1])
+with np.load({str(ckpt)!r}) as z:
+    model.set_weights([z[k] for k in sorted(k for k in z.files if k.startswith("model/"))])
+    opt = [z[k].shape for k in sorted(k for k in z.files if k.startswith("optimizer/"))]
+shapes = [tuple(w.shape) for w in model.get_weights()]
+print(json.dumps({{"acc": float(np.mean(np.argmax(model.predict(data.x_val, verbose=0), 1) == data.y_val)),
+                  "shapes": shapes, "opt": [list(o) for o in opt]}}))
+'''
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=worker_env())
+    assert proc.returncode == 0, explain(proc)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [tuple(x) for x in got["shapes"]] == [(64, 128), (128,), (128, 10), (10,)]  # the unsplit model
+    assert abs(got["acc"] - s["val_metrics"]["val_accuracy"]) < 1e-6
+    # Adam's moments saved unsplit: each variable's shape appears among the optimizer arrays
+    for shape in got["shapes"]:
+        assert sum(tuple(o) == tuple(shape) for o in got["opt"]) >= 2

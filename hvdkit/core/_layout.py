@@ -138,8 +138,9 @@ def check_recipe_layout(recipe: Any, np: int | None, *, elastic: bool = False, c
     if custom_model:
         raise ParallelError(f"parallel.model={model}: this Python recipe's build_model takes no `parallel` argument, "
                             "so hvdkit cannot split its model",
-                            fix="give build_model a parallel=None parameter and build with ColumnParallelLinear/RowParallelLinear"
-                                "(parallel.model_set), or set parallel.model=1")
+                            fix="give build_model a parallel=None parameter and build with ColumnParallelLinear/RowParallelLinear "
+                                "(torch) or ColumnParallelDense/RowParallelDense (TensorFlow) on parallel.model_set, "
+                                "or set parallel.model=1")
     if name != "mlp":
         raise ParallelError(f"parallel.model={model}: model {name!r} has no tensor-parallel version in hvdkit",
                             fix="use model.name=mlp (the built-in MLP splits its hidden layers), or parallel.model=1")

@@ -44,3 +44,10 @@ def accepts_parallel(py: PythonRecipe | None) -> bool:
         return "parallel" in inspect.signature(py.build_model).parameters
     except (TypeError, ValueError):
         return False
+
+
+def model_kind(py: PythonRecipe | None) -> dict[str, bool]:
+    """``check_recipe_layout``'s ``custom_model`` (its own model, which hvdkit cannot split) and
+    ``splits_itself`` (its build_model takes ``parallel``), on either framework."""
+    splits = accepts_parallel(py)
+    return {"custom_model": overrides_build_model(py) and not splits, "splits_itself": splits}

@@ -49,10 +49,12 @@ class TensorFlowBackend:
             if os.environ.get("HOROVOD_ELASTIC") == "1":
                 raise ParallelError(f"parallel.model={recipe.parallel.model} in an elastic job",
                                     fix="run without elastic options, or set parallel.model=1")
-            if model is not None:
-                raise ParallelError(f"parallel.model={recipe.parallel.model}: a Python recipe's own model cannot be split yet",
-                                    fix="set parallel.model=1, or use model.name=mlp")
-            if recipe.model.name != "mlp":
+            if model is not None and not callable_factory(model):
+                raise ParallelError(f"parallel.model={recipe.parallel.model}: this Python recipe's build_model takes no "
+                                    "`parallel` argument, so its model cannot be split",
+                                    fix="give build_model a parallel=None parameter and build with "
+                                        "ColumnParallelDense/RowParallelDense(parallel.model_set), or set parallel.model=1")
+            if model is None and recipe.model.name != "mlp":
                 raise ParallelError(f"parallel.model={recipe.parallel.model}: model {recipe.model.name!r} cannot be split",
                                     fix="use model.name=mlp, or parallel.model=1")
             # Horovod 0.28 registers process sets in hvd.init only: the layout needs the job's
@@ -77,7 +79,10 @@ class TensorFlowBackend:
         # `model` times, which the loss and accuracy ratios do not see.
         val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
         self.x_val, self.y_val = data.x_val[val], data.y_val[val]
-        if split:
+        if split and model is not None:
+            # A Python recipe's own split model: built now that its process sets exist.
+            self.model = model(tp.ParallelContext(self.layout, self.model_set, self.data_set, self.rank))
+        elif split:
             # Same seed on every rank: replicated variables agree, slices are offset by member.
             self.model = tp.TensorParallelMLP(int(np.prod(data.input_shape)), list(recipe.model.hidden), data.num_classes,
                                               self.model_set, flatten=True, name="mlp")
@@ -202,7 +207,7 @@ class TensorFlowBackend:
     def _split_axes(self) -> list[int | None]:
         """For each trainable variable: the axis its slices are cut along (None: whole)."""
         axes: dict[int, int | None] = {}
-        for layer in self.model.stack:
+        for layer in self.model._flatten_layers(include_self=False, recursive=True):  # any model's split layers
             if isinstance(layer, tp.ColumnParallelDense):
                 axes[id(layer.kernel)] = 1
                 if layer.bias is not None:
@@ -312,6 +317,11 @@ class TensorFlowBackend:
         from hvdkit.tensorflow._keras import fit_with_horovod
 
         return fit_with_horovod(self, recipe or self.recipe, self.data, tracker=tracker, **kwargs)
+
+
+def callable_factory(model: Any) -> bool:
+    """A model factory (``parallel -> keras.Model``) rather than a built model: a Python recipe's split model."""
+    return callable(model) and not isinstance(model, keras.layers.Layer)
 
 
 def _launcher_size() -> int:

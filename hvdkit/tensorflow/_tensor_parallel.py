@@ -323,6 +323,20 @@ class TensorParallelMLP(keras.Model):
         return self
 
 
+class ParallelContext:
+    """What a Python recipe's ``build_model(..., parallel=ctx)`` gets when ``parallel.model`` > 1:
+    ``model_set`` for its :class:`ColumnParallelDense` / :class:`RowParallelDense` layers, the
+    ``layout``, this rank's ``model_rank`` and the ``data_set`` (gradient averaging, hvdkit's part)."""
+
+    def __init__(self, layout, model_set, data_set, rank: int) -> None:
+        self.layout, self.model_set, self.data_set = layout, model_set, data_set
+        self.model = layout.model
+        self.model_rank = layout.model_rank(rank)
+
+    def __repr__(self) -> str:
+        return f"ParallelContext(model={self.model}, data={self.layout.data}, model_rank={self.model_rank})"
+
+
 def tensor_parallel_variables(model) -> list:
     """The variables of ``model`` that this member holds a slice of."""
     return [v for v in model.variables if is_tensor_parallel(v)]
@@ -341,7 +355,7 @@ def broadcast_variables(model, data_set) -> None:
 
 
 __all__ = [
-    "ColumnParallelDense", "RowParallelDense", "TensorParallelMLP", "broadcast_variables", "copy_to_model_parallel",
+    "ColumnParallelDense", "ParallelContext", "RowParallelDense", "TensorParallelMLP", "broadcast_variables", "copy_to_model_parallel",
     "gather_from_model_parallel", "is_tensor_parallel", "layer_comm_seconds", "make_process_sets", "reduce_from_model_parallel", "scatter_to_model_parallel",
     "tensor_parallel_variables",
 ]

@@ -3,9 +3,9 @@
 Why: on a fast step (a few ms), rank 0's apply thread costs training more than its CPU time.
 MLflow's public ``log_batch`` into sqlite spends ~5.5 ms of Python per call plus ~100 µs per
 value, all of it holding the GIL that rank 0's training thread needs between its collectives.
-Measured (np=2, digits MLP, paired blocks): tracked / untracked 0.78 with the apply thread,
-0.93 with applying deferred to the end of the job. A child process takes no GIL from training,
-and it runs at a lower CPU priority (``nice``), so where cores are short it catches up when
+Measured (np=2 on 2 cores, digits MLP, paired blocks): tracked / untracked 0.78 with the apply
+thread, 0.93 with applying deferred to the end of the job. A child process takes no GIL from training,
+and it runs at the lowest CPU priority (``nice`` 19), so where cores are short it catches up when
 training waits or at the job's end (``SpoolWriter.close``), and where they are not it keeps the
 store current as the thread did.
 
@@ -32,8 +32,11 @@ from typing import IO, Any
 
 from hvdkit.tracking._apply import ApplyStats, StoreUnavailable
 
-# Below training, above idle: the store still gets cycles on a busy host, training gets them first.
-NICE = 10
+# The lowest priority: on a host whose cores all train (np=2 on 2 cores here) the child runs when a
+# rank waits and catches up at the job's end; on a host with a spare core it keeps the store current.
+# Measured, paired blocks of the fast-step digits job (hvdkit / none, mean of 3 jobs each): apply
+# thread 0.814; this process at nice 10: 0.848, at nice 19: 0.899 (docs/benchmarks.md).
+NICE = 19
 _ENV_TARGET = "HVDKIT_APPLY_TARGET_URI"
 
 
