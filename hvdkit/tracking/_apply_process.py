@@ -34,8 +34,9 @@ from hvdkit.tracking._apply import ApplyStats, StoreUnavailable
 
 # The lowest priority: on a host whose cores all train (np=2 on 2 cores here) the child runs when a
 # rank waits and catches up at the job's end; on a host with a spare core it keeps the store current.
-# Measured, paired blocks of the fast-step digits job (hvdkit / none, mean of 3 jobs each): apply
-# thread 0.814; this process at nice 10: 0.848, at nice 19: 0.899 (docs/benchmarks.md).
+# Measured, paired blocks of the fast-step digits job (hvdkit / none, median per job, mean of 3+
+# jobs): apply thread 0.814; this process at nice 10: 0.848, at nice 19: 0.88; SCHED_IDLE was no
+# better than nice 19 (0.910 against 0.901, alternated) and can starve the store (docs/benchmarks.md).
 NICE = 19
 _ENV_TARGET = "HVDKIT_APPLY_TARGET_URI"
 
