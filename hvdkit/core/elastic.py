@@ -181,8 +181,7 @@ def run_elastic_training(
             raise RecipeError(f"batch_size {b} × {size} ranks exceeds the {n} training samples",
                               fix="lower batch_size or --max-np")
         total = recipe.steps or (recipe.epochs or 1) * spe  # at this size: the progress bar's estimate
-        schedule = LRSchedule(recipe.optimizer.lr, size, recipe.lr_schedule.scale,
-                              round(recipe.lr_schedule.warmup_epochs * spe))
+        schedule = LRSchedule.for_recipe(recipe, size, spe, total)
         if progress is not None:
             rank_zero(rank, _show_progress, bar_box, progress, total, state.step)
         bar = rank_zero(rank, lambda: bar_box[0] if bar_box else None)

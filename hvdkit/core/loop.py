@@ -126,8 +126,7 @@ def run_training(
     data_rank, data_size = data_shard(backend)
     batches = ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed)
     epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
-    schedule = LRSchedule(recipe.optimizer.lr, data_size, recipe.lr_schedule.scale,
-                          round(recipe.lr_schedule.warmup_epochs * batches.steps_per_epoch))
+    schedule = LRSchedule.for_recipe(recipe, data_size, batches.steps_per_epoch, total_steps)
     policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
     summary = Summary()
 

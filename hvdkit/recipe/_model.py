@@ -47,6 +47,11 @@ class LRSpec(_Strict):
     # linear: lr = base × world size (Goyal et al.), reached after a linear warm-up from base
     scale: Literal["linear", "sqrt", "none"] = "linear"
     warmup_epochs: float = Field(0.0, ge=0)
+    # After the warm-up: hold the rate (none), or decay it over the remaining steps (hvdkit.core.lr)
+    decay: Literal["none", "cosine", "linear", "step"] = "none"
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine/linear: the last step's rate, as a fraction of the scaled rate")
+    step_every_epochs: PositiveFloat = Field(10.0, description="step: epochs between two decays")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step: factor applied at each decay")
 
 
 class HorovodSpec(_Strict):

@@ -179,12 +179,13 @@ class LearningRateWarmupCallback(keras.callbacks.Callback):
 
     def __init__(self, base_lr: float, warmup_epochs: float = 0.0, steps_per_epoch: int = 1, *,
                  size: int | None = None, rule: str = "linear", backward_passes_per_step: int = 1,
-                 verbose: int = 0) -> None:
+                 verbose: int = 0, schedule: LRSchedule | None = None) -> None:
         super().__init__()
         self.steps_per_epoch = int(steps_per_epoch)
         self.passes = int(backward_passes_per_step)
-        self.schedule = LRSchedule(base_lr, hvd.size() if size is None else size, rule,
-                                   round(warmup_epochs * self.steps_per_epoch))
+        # A recipe's whole schedule (decay included) when given; else the warm-up alone, as Horovod's.
+        self.schedule = schedule or LRSchedule(base_lr, hvd.size() if size is None else size, rule,
+                                               round(warmup_epochs * self.steps_per_epoch))
         self.verbose = verbose
         self._epoch = 0
         self._lr: float | None = None
@@ -362,7 +363,8 @@ def fit_with_horovod(
         *([] if split else [BroadcastGlobalVariablesCallback(0)]),
         # The rate scales with the model copies (the global batch is batch_size × data_size).
         LearningRateWarmupCallback(recipe.optimizer.lr, recipe.lr_schedule.warmup_epochs, batches.steps_per_epoch,
-                                   size=data_size, rule=recipe.lr_schedule.scale, backward_passes_per_step=passes),
+                                   size=data_size, rule=recipe.lr_schedule.scale, backward_passes_per_step=passes,
+                                   schedule=LRSchedule.for_recipe(recipe, data_size, batches.steps_per_epoch, total_steps)),
         MetricAverageCallback(),
         tracked,
         *callbacks,
