@@ -41,6 +41,9 @@ class OptimizerSpec(_Strict):
     lr: PositiveFloat = 0.05
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    # Clip the averaged gradients to this global L2 norm (after the allreduce, so every rank clips
+    # the same gradient); None: no clipping.
+    clip_norm: PositiveFloat | None = None
 
 
 class LRSpec(_Strict):
@@ -121,6 +124,15 @@ class Recipe(_Strict):
     def _custom_needs_python(self) -> "Recipe":
         if (self.model.name == "custom" or self.data.name == "custom") and not self.python:
             raise ValueError("model/data 'custom' is only valid in a Python recipe (a class with build_model/build_data)")
+        return self
+
+    @model_validator(mode="after")
+    def _clip_needs_a_whole_model(self) -> "Recipe":
+        if self.parallel.model > 1 and self.optimizer.clip_norm is not None:
+            # A split model's global norm needs its slices' norms summed over the model group.
+            raise ValueError(
+                f"optimizer.clip_norm={self.optimizer.clip_norm} with parallel.model={self.parallel.model}: clipping "
+                "a split model is not supported yet — fix: unset optimizer.clip_norm, or set parallel.model: 1")
         return self
 
     @model_validator(mode="after")

@@ -103,7 +103,7 @@ class TensorFlowBackend:
             self.optimizer = _optimizer.DistributedOptimizer(
                 _optimizer.keras_optimizer(recipe.optimizer), self.model, self.loss_fn,
                 compression=self.compression, backward_passes_per_step=self.passes, weight_decay=self.weight_decay,
-                process_set=self.data_set,
+                process_set=self.data_set, clip_norm=recipe.optimizer.clip_norm,
             )
             self.optimizer.build()
             self.keras_optimizer = self.optimizer.optimizer
@@ -118,6 +118,7 @@ class TensorFlowBackend:
         opt = DistributedKerasOptimizer(
             _optimizer.keras_optimizer(self.recipe.optimizer), compression=self.compression,
             backward_passes_per_step=self.passes, weight_decay=self.weight_decay, process_set=self.data_set,
+            clip_norm=self.recipe.optimizer.clip_norm,
         )
         opt.build(self.model.trainable_variables)
         if previous is not None:  # keep any state the custom-loop optimizer already had

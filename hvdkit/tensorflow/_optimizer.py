@@ -103,15 +103,19 @@ class GradientAveraging:
     1. :func:`dense_gradients` — the same tensor list on every rank (None → zeros, sparse → dense);
     2. :meth:`allreduce` — g = (1/p) Σ g_i, one ``hvd.grouped_allreduce`` (``compression``: "none"
        | "fp16" | an ``hvd.Compression``);
-    3. :meth:`add_weight_decay` — torch's coupled L2 after averaging, g ← g + λθ (λ = 0: none).
+    3. :meth:`clip` — clipping by global norm (``clip_norm``; None: none), after averaging, so every
+       rank clips the same averaged gradient (torch's ``clip_grad_norm_`` before its step);
+    4. :meth:`add_weight_decay` — torch's coupled L2 after averaging, g ← g + λθ (λ = 0: none).
 
-    Calling it does all three. The custom loop calls the phases itself: the allreduce eagerly
-    (timed as comm wait), the decay inside its compiled apply step.
+    Calling it does all four. The custom loop calls the phases itself: the allreduce eagerly
+    (timed as comm wait), clipping and decay inside its compiled apply step.
     """
 
-    def __init__(self, compression: str | Any = "none", weight_decay: float = 0.0, process_set: Any = None) -> None:
+    def __init__(self, compression: str | Any = "none", weight_decay: float = 0.0, process_set: Any = None,
+                 clip_norm: float | None = None) -> None:
         self.compression = get_compression("none" if compression is None else compression)
         self.weight_decay = float(weight_decay)
+        self.clip_norm = float(clip_norm) if clip_norm else None
         # The ranks to average over: a model split over a model group averages over its
         # data-parallel process set only (the ranks holding the same slice); None: all ranks.
         self.process_set = process_set
@@ -130,6 +134,12 @@ class GradientAveraging:
             return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression)
         return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression, process_set=self.process_set)
 
+    def clip(self, grads: Sequence[Any]) -> list:
+        """``grads`` scaled so that their global norm is at most ``clip_norm`` (unchanged when None)."""
+        if self.clip_norm is None:
+            return list(grads)
+        return list(tf.clip_by_global_norm(list(grads), self.clip_norm)[0])
+
     def add_weight_decay(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
         """g + λθ for each gradient and its variable; ``grads`` unchanged when λ = 0."""
         if not self.weight_decay:
@@ -137,8 +147,8 @@ class GradientAveraging:
         return [g + self.weight_decay * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
 
     def __call__(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
-        """The averaged (and decayed) gradients for ``variables``: one collective, every rank must call."""
-        return self.add_weight_decay(self.allreduce(dense_gradients(grads, variables)), variables)
+        """The averaged (clipped, decayed) gradients for ``variables``: one collective, every rank must call."""
+        return self.add_weight_decay(self.clip(self.allreduce(dense_gradients(grads, variables))), variables)
 
 
 def tf_variables(variables: Sequence[Any]) -> list:
@@ -171,13 +181,14 @@ class DistributedOptimizer:
         backward_passes_per_step: int = 1,
         weight_decay: float = 0.0,
         process_set: Any = None,
+        clip_norm: float | None = None,
     ) -> None:
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
         self.optimizer = optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.averaging = GradientAveraging(compression, weight_decay, process_set)
+        self.averaging = GradientAveraging(compression, weight_decay, process_set, clip_norm)
         self.compression = self.averaging.compression
         self.passes = int(backward_passes_per_step)
         self.weight_decay = self.averaging.weight_decay
@@ -226,7 +237,7 @@ class DistributedOptimizer:
 
     def _apply_gradients(self, grads):
         variables = self.model.trainable_variables
-        self.optimizer.apply(self.averaging.add_weight_decay(grads, variables), variables)
+        self.optimizer.apply(self.averaging.add_weight_decay(self.averaging.clip(grads), variables), variables)
 
     def step(self, x, y, lr: float | None = None) -> tuple[float, float]:
         """θ ← update(θ, (1/p) Σ_i g_i); returns (this rank's loss, seconds in the allreduce)."""

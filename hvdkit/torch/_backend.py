@@ -92,6 +92,7 @@ class TorchBackend:
         # The GPU this rank trains on (its name), or None on the CPU: reported to tracking.
         self.accelerator: str | None = accelerator_name(model_device(self.model))
         self.passes = recipe.horovod.backward_passes_per_step
+        self.clip_norm = recipe.optimizer.clip_norm
         compression = hvd.Compression.fp16 if recipe.horovod.compression == "fp16" else hvd.Compression.none
         # Averages g_i over ranks in background allreduces that start as each gradient is ready.
         self.optimizer = hvd.DistributedOptimizer(
@@ -152,6 +153,8 @@ class TorchBackend:
         # one grouped allreduce per step (docs/benchmarks.md).
         self.optimizer.synchronize()
         comm = time.perf_counter() - t0
+        if self.clip_norm is not None:  # after the allreduce: every rank clips the same averaged g
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         with self.optimizer.skip_synchronize():
             self.optimizer.step()  # θ ← θ − η·g with g = (1/p) Σ g_i
         return total, comm
