@@ -113,6 +113,7 @@ class Recipe(_Strict):
     horovod: HorovodSpec = Field(default_factory=HorovodSpec)
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     seed: int = 42
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss against (1-e)*onehot + e/classes; 0: none")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     log: LogSpec = Field(default_factory=LogSpec)

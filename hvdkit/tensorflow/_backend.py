@@ -37,6 +37,22 @@ def sparse_ce(labels, logits):
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
+def training_loss(label_smoothing: float = 0.0):
+    """The training loss for integer labels: :func:`sparse_ce`, or with label smoothing ε the
+    cross-entropy against (1 − ε)·onehot + ε/K, torch's ``CrossEntropyLoss(label_smoothing=ε)``."""
+    if not label_smoothing:
+        return sparse_ce
+    eps = float(label_smoothing)
+
+    def smoothed_ce(labels, logits):
+        k = tf.shape(logits)[-1]
+        target = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), k, dtype=logits.dtype)
+        target = target * (1.0 - eps) + eps / tf.cast(k, logits.dtype)
+        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits))
+
+    return smoothed_ce
+
+
 class TensorFlowBackend:
     checkpoint_ext = "npz"
 
@@ -94,7 +110,7 @@ class TensorFlowBackend:
         self.passes = recipe.horovod.backward_passes_per_step
         self.compression = _optimizer.get_compression(recipe.horovod.compression)
         self.weight_decay = _optimizer.l2_coefficient(recipe.optimizer)
-        self.loss_fn = sparse_ce
+        self.loss_fn = training_loss(recipe.label_smoothing)  # evaluation stays plain cross-entropy
         self._logits = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
         self.keras_fit = False
         if recipe.keras_fit:
@@ -126,7 +142,8 @@ class TensorFlowBackend:
                 dst.assign(src)
         self.model.compile(
             optimizer=opt,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss=training_loss(self.recipe.label_smoothing) if self.recipe.label_smoothing
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
             jit_compile=False,  # Horovod's ops have no XLA kernels on CPU
         )

@@ -88,7 +88,8 @@ class TorchBackend:
         else:
             self.model = model if model is not None else _models.build(recipe.model, tuple(self.x.shape[1:]), data.num_classes)
         self._full_state: dict | None = None  # a split job's gathered checkpoint state (prepare/load)
-        self.loss_fn = torch.nn.CrossEntropyLoss()
+        # Training loss; evaluation stays plain cross-entropy.
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         # The GPU this rank trains on (its name), or None on the CPU: reported to tracking.
         self.accelerator: str | None = accelerator_name(model_device(self.model))
         self.passes = recipe.horovod.backward_passes_per_step
