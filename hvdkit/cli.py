@@ -9,7 +9,7 @@ import time
 
 import click
 
-from hvdkit.errors import HvdkitError
+from hvdkit.errors import HvdkitError, RecipeError
 
 
 class _Group(click.Group):
@@ -126,6 +126,10 @@ def _check_layout(loaded, np_: int, elastic: dict) -> None:
     from hvdkit.recipe._python import model_kind
 
     check_recipe_layout(loaded.recipe, np_, elastic=any(elastic.values()), **model_kind(loaded.python))
+    stop = loaded.recipe.early_stopping.metric
+    if stop is not None and any(elastic.values()):
+        raise RecipeError(f"early_stopping.metric={stop} in an elastic job: the elastic loop does not stop early yet",
+                          fix="run without elastic options, or unset early_stopping.metric")
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

@@ -72,6 +72,7 @@ def _write_summary_json(path, summary, recipe, size, marks, threads=None, comm_b
     atomic_write_json(path, {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
                              "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
                              "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks,
+                             "stopped_early": summary.stopped_early,
                              "thread_cpu_s": threads or {}, "comm_bytes": comm_bytes or {}}, compact=True)
 
 

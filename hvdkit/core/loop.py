@@ -21,6 +21,7 @@ import numpy as np
 from hvdkit._rank import from_rank_zero, rank_zero
 from hvdkit.core.checkpoint import CheckpointPolicy
 from hvdkit.core.data import ArrayDataset
+from hvdkit.core.early_stopping import EarlyStopping
 from hvdkit.core.job import JobFolder
 from hvdkit.core.lr import LRSchedule
 from hvdkit.core.sharding import ShardedBatches
@@ -78,6 +79,7 @@ class Summary:
     seconds: float = 0.0
     resumed_from: str | None = None
     checkpoint: str | None = None
+    stopped_early: bool = False  # early_stopping ended training before its last epoch
 
 
 def plan_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:
@@ -129,6 +131,7 @@ def run_training(
     schedule = LRSchedule.for_recipe(recipe, data_size, batches.steps_per_epoch, total_steps)
     policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
     summary = Summary()
+    stopper = EarlyStopping.for_recipe(recipe)
 
     resumed, start_epoch, step = resume(backend, policy, job, summary)
     # Broadcast initial state from rank 0 so all replicas start identical (random init or resumed).
@@ -166,11 +169,17 @@ def run_training(
         if recipe.eval.enabled and ((epoch + 1) % recipe.eval.every_epochs == 0 or epoch == epochs - 1):
             summary.val_metrics = backend.evaluate()
             tracker.log_metrics(summary.val_metrics, step)
-        if policy.due(epoch, epochs - 1):
+            if stopper is not None and epoch < epochs - 1:
+                summary.stopped_early = stopper.decide(rank, backend.broadcast_object, summary.val_metrics)
+        if policy.due(epoch, epoch if summary.stopped_early else epochs - 1):  # a stop is the last epoch
             meta = {"epoch": epoch, "step": step, "recipe": recipe.name}
             prepare_checkpoint(backend)
             summary.checkpoint = rank_zero(rank, lambda: str(policy.save(backend, epoch, meta)), default=summary.checkpoint)
         summary.epochs = epoch + 1
+        if summary.stopped_early:
+            rank_zero(rank, print, f"hvdkit: {stopper.reason()}; stopped after epoch {epoch + 1} of {epochs}",
+                      file=sys.stderr, flush=True)
+            break
         if step >= total_steps:
             break
     if bar is not None:
@@ -232,6 +241,8 @@ def print_summary(summary: Summary, recipe: Recipe, size: int, file=None) -> Non
     rows = [("epochs", str(summary.epochs)), ("steps", str(summary.steps)), ("train loss", f"{summary.loss:.4f}")]
     rows += [(k, f"{v:.4f}") for k, v in summary.val_metrics.items()]
     rows += [("samples/s (all ranks)", f"{summary.samples_per_sec:,.1f}"), ("time (s)", f"{summary.seconds:.1f}")]
+    if summary.stopped_early:
+        rows.append(("stopped early", f"after epoch {summary.epochs}"))
     if summary.resumed_from:
         rows.append(("resumed from", summary.resumed_from))
     if summary.checkpoint:

@@ -80,6 +80,14 @@ class EvalSpec(_Strict):
     enabled: bool = True
 
 
+class EarlyStoppingSpec(_Strict):
+    # Stop when this validation metric has not improved by more than min_delta for `patience`
+    # evaluations in a row (decided on rank 0, broadcast). None: train every epoch.
+    metric: Literal["val_loss", "val_accuracy"] | None = None
+    patience: PositiveInt = 3
+    min_delta: float = Field(0.0, ge=0)
+
+
 class CheckpointSpec(_Strict):
     # Each job writes to its own folder <dir>/<job id>/; only `hvdkit run --resume` continues one.
     dir: str | None = None  # None: no checkpoints
@@ -115,6 +123,7 @@ class Recipe(_Strict):
     seed: int = 42
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss against (1-e)*onehot + e/classes; 0: none")
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     log: LogSpec = Field(default_factory=LogSpec)
     threads: PositiveInt | None = Field(1, description="compute threads per rank (None: the framework's default)")
@@ -125,6 +134,14 @@ class Recipe(_Strict):
     def _custom_needs_python(self) -> "Recipe":
         if (self.model.name == "custom" or self.data.name == "custom") and not self.python:
             raise ValueError("model/data 'custom' is only valid in a Python recipe (a class with build_model/build_data)")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluation(self) -> "Recipe":
+        if self.early_stopping.metric is not None and not self.eval.enabled:
+            raise ValueError(
+                f"early_stopping.metric={self.early_stopping.metric} is never logged: eval.enabled is false — fix: "
+                "set eval.enabled: true, or unset early_stopping.metric")
         return self
 
     @model_validator(mode="after")

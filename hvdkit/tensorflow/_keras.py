@@ -19,6 +19,7 @@ rewritten on the core collectives that do work:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 from hvdkit._frameworks import require
 from hvdkit._rank import rank_zero
 from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps, resume
+from hvdkit.core.early_stopping import EarlyStopping
 from hvdkit.core.job import JobFolder
 from hvdkit.core.loop import checkpoint_policy, reduce_summary
 from hvdkit.errors import RecipeError
@@ -220,6 +222,8 @@ class _Progress(keras.callbacks.Callback):
         self.batch_size, self.passes, self.bar = batch_size, passes, bar
         self.samples, self.micro, self.step_time, self.loss = 0, 0, 0.0, math.nan
         self.val_metrics: dict[str, float] = {}
+        self.stopper = EarlyStopping.for_recipe(recipe)
+        self.stopped_early = False
         self.checkpoint: str | None = None
         self.epochs_done = self._epoch = 0
         self.t_start = self.t_end = time.perf_counter()
@@ -273,7 +277,13 @@ class _Progress(keras.callbacks.Callback):
                 logs.update(self.val_metrics)
             if self.tracker is not None:
                 self.tracker.log_metrics(self.val_metrics, self.step)
-        done = self.step >= self.total_steps
+            if self.stopper is not None and epoch < last and self.step < self.total_steps:
+                self.stopped_early = self.stopper.decide(self.backend.rank, self.backend.broadcast_object, self.val_metrics)
+                if self.stopped_early:
+                    self.model.stop_training = True
+                    rank_zero(self.backend.rank, print, f"hvdkit: {self.stopper.reason()}; stopped after epoch "
+                              f"{epoch + 1} of {self.epochs}", file=sys.stderr, flush=True)
+        done = self.step >= self.total_steps or self.stopped_early
         if self.policy.due(epoch, epoch if done else last):
             self.backend.prepare_checkpoint()  # a split model's gather (every rank); a no-op otherwise
             meta = {"epoch": epoch, "step": self.step, "recipe": self.recipe.name}
@@ -383,4 +393,5 @@ def fit_with_horovod(
     summary.epochs = max(tracked.epochs_done, start_epoch)
     summary.steps, summary.seconds = tracked.step, elapsed
     summary.checkpoint = tracked.checkpoint
+    summary.stopped_early = tracked.stopped_early
     return summary
