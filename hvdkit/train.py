@@ -278,6 +278,8 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     layer = import_module(f"hvdkit.{recipe.framework}")
     py = loaded.python
     data = (py.build_data(recipe.seed) if py else None) or load_builtin(recipe.data, recipe.seed)
+    if py and hasattr(layer, "before_model_build"):
+        layer.before_model_build(recipe)  # e.g. Keras' bf16 policy: it applies to layers built after it
     model = _build_model(py, recipe, data) if py else None
     marks["framework_imported"] = time.time()
     threads = None

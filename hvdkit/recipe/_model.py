@@ -121,6 +121,9 @@ class Recipe(_Strict):
     horovod: HorovodSpec = Field(default_factory=HorovodSpec)
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     seed: int = 42
+    # bf16: the forward pass (and its backward) in bfloat16 autocast, weights, gradients, their
+    # allreduce and the optimizer in float32 (torch.autocast / Keras' mixed_bfloat16 policy).
+    precision: Literal["fp32", "bf16"] = "fp32"
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss against (1-e)*onehot + e/classes; 0: none")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
@@ -134,6 +137,14 @@ class Recipe(_Strict):
     def _custom_needs_python(self) -> "Recipe":
         if (self.model.name == "custom" or self.data.name == "custom") and not self.python:
             raise ValueError("model/data 'custom' is only valid in a Python recipe (a class with build_model/build_data)")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_needs_a_whole_model(self) -> "Recipe":
+        if self.parallel.model > 1 and self.precision != "fp32":
+            raise ValueError(
+                f"precision={self.precision} with parallel.model={self.parallel.model}: a split model trains in fp32 only "
+                "for now — fix: precision: fp32, or parallel.model: 1")
         return self
 
     @model_validator(mode="after")

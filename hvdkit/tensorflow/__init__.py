@@ -16,6 +16,13 @@ def make_backend(recipe, data, model=None):
     return TensorFlowBackend(recipe, data, model)
 
 
+def before_model_build(recipe) -> None:
+    """What must hold before a recipe's own model is built: Keras' dtype policy (``precision``)."""
+    from hvdkit.tensorflow._backend import set_precision
+
+    set_precision(recipe)
+
+
 # Public names loaded on first use, so `import hvdkit.tensorflow` never imports TensorFlow.
 _LAZY = {
     "TensorFlowBackend": "hvdkit.tensorflow._backend",
@@ -36,4 +43,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["make_backend", *_LAZY]
+__all__ = ["before_model_build", "make_backend", *_LAZY]

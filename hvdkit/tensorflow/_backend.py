@@ -32,8 +32,18 @@ from hvdkit.tensorflow._accelerator import accelerator_name  # noqa: E402
 _EVAL_BATCH = 512  # bounds evaluation memory on large validation shards
 
 
+def set_precision(recipe: Recipe) -> None:
+    """Keras' dtype policy for the recipe's ``precision``, set before any model is built (a Python
+    recipe's too: hvdkit.train calls this first). bf16: layers compute in bfloat16, variables,
+    gradients and their allreduce stay float32 ("mixed_bfloat16")."""
+    if recipe.precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+
 def sparse_ce(labels, logits):
-    """Cross-entropy from logits, mean over the batch (torch's CrossEntropyLoss)."""
+    """Cross-entropy from logits, mean over the batch (torch's CrossEntropyLoss); in float32
+    whatever the logits' dtype (bf16 models)."""
+    logits = tf.cast(logits, tf.float32)
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
@@ -45,6 +55,7 @@ def training_loss(label_smoothing: float = 0.0):
     eps = float(label_smoothing)
 
     def smoothed_ce(labels, logits):
+        logits = tf.cast(logits, tf.float32)
         k = tf.shape(logits)[-1]
         target = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), k, dtype=logits.dtype)
         target = target * (1.0 - eps) + eps / tf.cast(k, logits.dtype)
@@ -58,6 +69,7 @@ class TensorFlowBackend:
 
     def __init__(self, recipe: Recipe, data: ArrayDataset, model: "keras.Model | None" = None) -> None:
         _optimizer.configure_threads(recipe.threads)  # before any TF op runs
+        set_precision(recipe)  # before the built-in model is built
         apply_horovod_knobs(recipe)  # the recipe's cycle time / fusion threshold, unless set
         split = self.split = recipe.parallel.model > 1
         self.model_set = self.data_set = None
@@ -111,7 +123,7 @@ class TensorFlowBackend:
         self.compression = _optimizer.get_compression(recipe.horovod.compression)
         self.weight_decay = _optimizer.l2_coefficient(recipe.optimizer)
         self.loss_fn = training_loss(recipe.label_smoothing)  # evaluation stays plain cross-entropy
-        self._logits = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        self._logits = tf.function(lambda x: tf.cast(self.model(x, training=False), tf.float32), reduce_retracing=True)
         self.keras_fit = False
         if recipe.keras_fit:
             self.prepare_fit()

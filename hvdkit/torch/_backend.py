@@ -94,6 +94,9 @@ class TorchBackend:
         self.accelerator: str | None = accelerator_name(model_device(self.model))
         self.passes = recipe.horovod.backward_passes_per_step
         self.clip_norm = recipe.optimizer.clip_norm
+        # bf16: forward passes under autocast (weights, gradients and their allreduce stay fp32).
+        self.autocast = dict(device_type=model_device(self.model).type, dtype=torch.bfloat16,
+                             enabled=recipe.precision == "bf16")
         compression = hvd.Compression.fp16 if recipe.horovod.compression == "fp16" else hvd.Compression.none
         # Averages g_i over ranks in background allreduces that start as each gradient is ready.
         self.optimizer = hvd.DistributedOptimizer(
@@ -146,7 +149,9 @@ class TorchBackend:
         total = 0.0
         # backward_passes_per_step: accumulate k micro-batch gradients locally, allreduce once.
         for xs, ys in zip(x.chunk(self.passes), y.chunk(self.passes)):
-            loss = self.loss_fn(self.model(xs), ys) / self.passes
+            with torch.autocast(**self.autocast):
+                out = self.model(xs)
+            loss = self.loss_fn(out.float(), ys) / self.passes
             loss.backward()
             total += loss.item()
         t0 = time.perf_counter()
@@ -163,7 +168,8 @@ class TorchBackend:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        out = self.model(self.x_val) if len(self.x_val) else torch.empty(0, 1)
+        with torch.autocast(**self.autocast):
+            out = self.model(self.x_val).float() if len(self.x_val) else torch.empty(0, 1)
         loss_sum = torch.nn.functional.cross_entropy(out, self.y_val, reduction="sum").item() if len(self.x_val) else 0.0
         correct = (out.argmax(1) == self.y_val).sum().item() if len(self.x_val) else 0
         # Sum counts over ranks so uneven shards weigh by sample count.
