@@ -139,13 +139,6 @@ class Recipe(_Strict):
             raise ValueError("model/data 'custom' is only valid in a Python recipe (a class with build_model/build_data)")
         return self
 
-    @model_validator(mode="after")
-    def _bf16_needs_a_whole_model(self) -> "Recipe":
-        if self.parallel.model > 1 and self.precision != "fp32":
-            raise ValueError(
-                f"precision={self.precision} with parallel.model={self.parallel.model}: a split model trains in fp32 only "
-                "for now — fix: precision: fp32, or parallel.model: 1")
-        return self
 
     @model_validator(mode="after")
     def _early_stopping_needs_evaluation(self) -> "Recipe":
@@ -156,19 +149,23 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _clip_needs_a_whole_model(self) -> "Recipe":
-        if self.parallel.model > 1 and self.optimizer.clip_norm is not None:
+    def _split_model_is_supported(self) -> "Recipe":
+        m = self.parallel.model
+        if m == 1:
+            return self
+        refused = [
+            (self.model.name in ("cnn", "resnet"),
+             f"parallel.model={m}: the built-in model {self.model.name!r} cannot be split (only the MLP has "
+             "tensor-parallel layers) — fix: use model.name: mlp, a Python recipe's own model, or parallel.model: 1"),
             # A split model's global norm needs its slices' norms summed over the model group.
-            raise ValueError(
-                f"optimizer.clip_norm={self.optimizer.clip_norm} with parallel.model={self.parallel.model}: clipping "
-                "a split model is not supported yet — fix: unset optimizer.clip_norm, or set parallel.model: 1")
-        return self
-
-    @model_validator(mode="after")
-    def _split_model_is_splittable(self) -> "Recipe":
-        if self.parallel.model > 1 and self.model.name in ("cnn", "resnet"):
-            raise ValueError(
-                f"parallel.model={self.parallel.model}: the built-in model {self.model.name!r} cannot be split "
-                "(only the MLP has tensor-parallel layers) — fix: use model.name: mlp, a Python recipe's own model, "
-                "or parallel.model: 1")
+            (self.optimizer.clip_norm is not None,
+             f"optimizer.clip_norm={self.optimizer.clip_norm} with parallel.model={m}: clipping a split model is not "
+             "supported yet — fix: unset optimizer.clip_norm, or set parallel.model: 1"),
+            (self.precision != "fp32",
+             f"precision={self.precision} with parallel.model={m}: a split model trains in fp32 only for now — fix: "
+             "precision: fp32, or parallel.model: 1"),
+        ]
+        for bad, message in refused:
+            if bad:
+                raise ValueError(message)
         return self

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import time
@@ -95,8 +97,9 @@ class TorchBackend:
         self.passes = recipe.horovod.backward_passes_per_step
         self.clip_norm = recipe.optimizer.clip_norm
         # bf16: forward passes under autocast (weights, gradients and their allreduce stay fp32).
-        self.autocast = dict(device_type=model_device(self.model).type, dtype=torch.bfloat16,
-                             enabled=recipe.precision == "bf16")
+        # fp32 enters no autocast context at all: nothing added to each step.
+        self.autocast = (functools.partial(torch.autocast, model_device(self.model).type, dtype=torch.bfloat16)
+                         if recipe.precision == "bf16" else contextlib.nullcontext)
         compression = hvd.Compression.fp16 if recipe.horovod.compression == "fp16" else hvd.Compression.none
         # Averages g_i over ranks in background allreduces that start as each gradient is ready.
         self.optimizer = hvd.DistributedOptimizer(
@@ -149,7 +152,7 @@ class TorchBackend:
         total = 0.0
         # backward_passes_per_step: accumulate k micro-batch gradients locally, allreduce once.
         for xs, ys in zip(x.chunk(self.passes), y.chunk(self.passes)):
-            with torch.autocast(**self.autocast):
+            with self.autocast():
                 out = self.model(xs)
             loss = self.loss_fn(out.float(), ys) / self.passes
             loss.backward()
@@ -168,7 +171,7 @@ class TorchBackend:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        with torch.autocast(**self.autocast):
+        with self.autocast():
             out = self.model(self.x_val).float() if len(self.x_val) else torch.empty(0, 1)
         loss_sum = torch.nn.functional.cross_entropy(out, self.y_val, reduction="sum").item() if len(self.x_val) else 0.0
         correct = (out.argmax(1) == self.y_val).sum().item() if len(self.x_val) else 0

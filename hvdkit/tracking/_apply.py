@@ -120,6 +120,9 @@ class Applier:
         self._bulk: SqliteBulkMetrics | None = None
         self._bulk_checked = not (_sqlfast.enabled() if fast_sqlite is None else fast_sqlite)
 
+    def close(self) -> None:
+        """Nothing to end in-thread (ApplierProcess ends its child here)."""
+
     @property
     def bulk_metrics(self) -> bool:
         """Whether this applier may use the opted-in sqlite bulk insert (until it falls back)."""

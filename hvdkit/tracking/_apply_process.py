@@ -49,7 +49,6 @@ class ApplierProcess:
     """Drives ``python -m hvdkit.tracking._apply_process`` over a spool. Not thread-safe: one caller."""
 
     def __init__(self, spool, target_uri: str, *, workers: int = 1, on_run_created=None) -> None:
-        self.spool = spool
         self.stats = ApplyStats()
         self._on_run_created = on_run_created
         from hvdkit.tracking import _sqlfast

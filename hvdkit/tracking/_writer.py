@@ -137,8 +137,7 @@ class SpoolWriter:
                 self._cond.wait(left)
             self._abandon = True
             self._cond.notify_all()
-        if isinstance(self._applier, ApplierProcess):
-            self._applier.close()  # a store call that outlives the deadline is cut short: idempotent
+        self._applier.close()  # a child's store call that outlives the deadline is cut short: idempotent
         # Usually quick (it returns on _abandon); in-thread, it may also be inside a store call that
         # outlives our deadline. It is a daemon and applying is idempotent, so we do not wait on it.
         self._apply_thread.join(1.0)
