@@ -126,10 +126,29 @@ def _check_layout(loaded, np_: int, elastic: dict) -> None:
     from hvdkit.recipe._python import model_kind
 
     check_recipe_layout(loaded.recipe, np_, elastic=any(elastic.values()), **model_kind(loaded.python))
+    _check_data(loaded, elastic=any(elastic.values()))
     stop = loaded.recipe.early_stopping.metric
     if stop is not None and any(elastic.values()):
         raise RecipeError(f"early_stopping.metric={stop} in an elastic job: the elastic loop does not stop early yet",
                           fix="run without elastic options, or unset early_stopping.metric")
+
+
+def _check_data(loaded, elastic: bool) -> None:
+    """A shard folder (its index and file headers) and a Python recipe's own data, before launching:
+    a bad folder, a corrupt or mismatched shard, the other framework's pipeline are one line, exit 2."""
+    from hvdkit.core.data import check_data, load_builtin
+    from hvdkit.recipe._python import overrides_build_data
+
+    recipe = loaded.recipe
+    if overrides_build_data(loaded.python):
+        # Building a pipeline object is cheap (tf.data and Dataset objects read lazily); a recipe
+        # returning arrays loads them once more here.
+        data = loaded.python.build_data(recipe.seed)
+        if data is not None:
+            check_data(data, recipe, elastic=elastic)
+            return
+    if recipe.data.name == "files":
+        check_data(load_builtin(recipe.data, recipe.seed), recipe, elastic=elastic)
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -373,6 +392,12 @@ def bench_cmd(name, quick, reps, full) -> None:
            *(["--full"] if full else [])]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
     sys.exit(subprocess.call(cmd, cwd=root, env=env))
+
+
+# `hvdkit data shard|info`: shard folders. _data_cmd imports only click at import time, like this module.
+from hvdkit._data_cmd import data as _data_group  # noqa: E402
+
+main.add_command(_data_group)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,15 @@ def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish
             signal.signal(sig, handler)
 
 
+def _check_data(layer, recipe, data) -> None:
+    """Before any collective: data this job cannot train on is one line and exit 2 on every rank
+    (``hvdkit run`` made the same checks before launching; a plain horovodrun line did not)."""
+    from hvdkit.core.data import check_data
+
+    check_data(data, recipe, elastic=os.environ.get("HOROVOD_ELASTIC") == "1")
+    layer.check_data(data)
+
+
 def _build_model(py, recipe, data):
     """The Python recipe's model; with parallel.model > 1 and a build_model that takes
     ``parallel``, a factory the backend calls once the process sets exist (the layers need them)."""
@@ -278,6 +287,7 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
     layer = import_module(f"hvdkit.{recipe.framework}")
     py = loaded.python
     data = (py.build_data(recipe.seed) if py else None) or load_builtin(recipe.data, recipe.seed)
+    _check_data(layer, recipe, data)
     if py and hasattr(layer, "before_model_build"):
         layer.before_model_build(recipe)  # e.g. Keras' bf16 policy: it applies to layers built after it
     model = _build_model(py, recipe, data) if py else None

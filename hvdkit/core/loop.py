@@ -20,10 +20,11 @@ import numpy as np
 
 from hvdkit._rank import from_rank_zero, rank_zero
 from hvdkit.core.checkpoint import CheckpointPolicy
-from hvdkit.core.data import ArrayDataset
+from hvdkit.core.data import ArrayDataset, DataSplits
 from hvdkit.core.early_stopping import EarlyStopping
 from hvdkit.core.job import JobFolder
 from hvdkit.core.lr import LRSchedule
+from hvdkit.core.feed import Feed, IndexFeed
 from hvdkit.core.sharding import ShardedBatches
 from hvdkit.recipe import Recipe
 
@@ -115,7 +116,7 @@ def resume(backend: Backend, policy: CheckpointPolicy, job: JobFolder, summary: 
 def run_training(
     backend: Backend,
     recipe: Recipe,
-    data: ArrayDataset,
+    data: ArrayDataset | DataSplits,
     tracker: Tracker,
     *,
     progress: Callable[[int, int], Any] | None = None,
@@ -126,7 +127,7 @@ def run_training(
     # A split model (parallel.model > 1): the members of a model group train on the same batch;
     # the batches are sharded over the model copies, and the LR scales with their number.
     data_rank, data_size = data_shard(backend)
-    batches = ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed)
+    batches = train_feed(backend, recipe, data, data_rank, data_size)
     epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
     schedule = LRSchedule.for_recipe(recipe, data_size, batches.steps_per_epoch, total_steps)
     policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
@@ -145,20 +146,19 @@ def run_training(
         it = batches.epoch(epoch)
         while step < total_steps:
             t0 = time.perf_counter()
-            idx = next(it, None)
-            if idx is None:
+            batch, n = next(it, (None, 0))
+            if batch is None:
                 break
-            batch = backend.batch(idx)
             t1 = time.perf_counter()
             loss, comm_wait = backend.train_step(batch, schedule.at(step))
             t2 = time.perf_counter()
             step += 1
-            samples_done += len(idx)
+            samples_done += n
             more = {}
             if layer_kw:
                 now = getattr(backend, "layer_comm_s", 0.0)
                 more["layer_comm_s"], layer_t = now - layer_t, now
-            tracker.record_step(step, samples=len(idx), step_time_s=t2 - t1, data_time_s=t1 - t0, comm_wait_s=comm_wait, loss=loss,
+            tracker.record_step(step, samples=n, step_time_s=t2 - t1, data_time_s=t1 - t0, comm_wait_s=comm_wait, loss=loss,
                                 **more)
             if bar is not None:
                 bar.update(1)
@@ -166,6 +166,8 @@ def run_training(
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
             if after_step:
                 after_step(step)
+        if hasattr(it, "close"):
+            it.close()  # a read-ahead thread stops here when a step budget ends the epoch early
         if recipe.eval.enabled and ((epoch + 1) % recipe.eval.every_epochs == 0 or epoch == epochs - 1):
             summary.val_metrics = backend.evaluate()
             tracker.log_metrics(summary.val_metrics, step)
@@ -188,6 +190,17 @@ def run_training(
     reduce_summary(backend, summary, samples_done, elapsed, loss)
     summary.steps, summary.seconds = step, elapsed
     return summary
+
+
+def train_feed(backend: Backend, recipe: Recipe, data: Any, data_rank: int, data_size: int) -> Feed:
+    """This rank's batches: the backend's own feed (files, a framework's pipeline) when it has
+    one, else index arrays into the training arrays, each cut by ``backend.batch``."""
+    own = getattr(backend, "train_feed", None)
+    if own is not None:
+        return own(recipe, data_rank, data_size)
+    sharding = ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed,
+                              pad=recipe.data.uneven == "pad")
+    return IndexFeed(sharding, backend.batch)
 
 
 def data_shard(backend: Backend) -> tuple[int, int]:

@@ -8,27 +8,46 @@ np=1 with batch p·b sees, in the same order: that is what makes g = (1/p) Σ g_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 
 class ShardedBatches:
-    def __init__(self, num_samples: int, batch_size: int, rank: int, size: int, seed: int) -> None:
+    """This rank's batches, as index arrays into the training samples.
+
+    ``order(epoch)``: the epoch's global order (default: a permutation drawn from (seed, epoch));
+    a shard folder passes its shard-major order so consecutive batches read one file at a time.
+    ``pad``: the incomplete last global batch is filled with the epoch's first samples (torch's
+    DistributedSampler) instead of dropped; either way every rank runs the same number of steps,
+    so no rank waits forever on a collective the others never start.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, size: int, seed: int,
+                 order: Callable[[int], np.ndarray] | None = None, pad: bool = False) -> None:
         self.num_samples, self.batch_size, self.rank, self.size, self.seed = num_samples, batch_size, rank, size, seed
         self.global_batch = batch_size * size
-        # The incomplete last global batch is dropped: every rank must run the same number of steps.
-        self.steps_per_epoch = num_samples // self.global_batch
+        self.order, self.pad = order, pad
+        self.steps_per_epoch = (-(-num_samples // self.global_batch) if pad and num_samples
+                                else num_samples // self.global_batch)
         if self.steps_per_epoch == 0:
             from hvdkit.errors import RecipeError
 
             raise RecipeError(
                 f"batch_size {batch_size} × {size} ranks = {self.global_batch} exceeds the {num_samples} training samples",
-                fix="lower batch_size or the number of ranks",
+                fix="lower batch_size or the number of ranks, or set data.uneven: pad",
             )
 
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's global order, the same on every rank; padded to whole global batches."""
+        perm = self.order(epoch) if self.order else np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
+        short = self.steps_per_epoch * self.global_batch - len(perm)
+        if short > 0:
+            perm = np.concatenate([perm, np.resize(perm, short)])  # wraps again if one epoch is less than a batch
+        return perm
+
     def epoch(self, epoch: int) -> Iterator[np.ndarray]:
-        perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
+        perm = self.permutation(epoch)
         lo = self.rank * self.batch_size
         for step in range(self.steps_per_epoch):
             start = step * self.global_batch + lo

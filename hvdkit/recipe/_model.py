@@ -27,13 +27,30 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    name: Literal["digits", "synthetic", "custom"] = "digits"
+    # files: a folder of .npz/.parquet shards (`hvdkit data shard`), streamed, never held whole
+    name: Literal["digits", "synthetic", "files", "custom"] = "digits"
+    path: str | None = Field(None, description="data.name files: the shard folder")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     # synthetic images: generated, never downloaded
     image_size: PositiveInt = 32
     channels: PositiveInt = 3
     num_classes: PositiveInt = 10
     num_samples: PositiveInt = 2048
+    # Streamed data (files, a Python recipe's own Dataset or tf.data pipeline): batches read ahead
+    # of the step (a thread, or DataLoader workers) so reading overlaps compute.
+    workers: NonNegativeInt = Field(0, description="torch DataLoader worker processes (0: read in the training process)")
+    prefetch: NonNegativeInt = Field(2, description="batches read ahead of the training step (0: none)")
+    # The last global batch when the samples do not fill it: drop it, or pad it with the epoch's
+    # first samples (torch's DistributedSampler); either way every rank runs the same steps.
+    uneven: Literal["drop", "pad"] = "drop"
+    shuffle_buffer: PositiveInt = Field(10_000, description="tf.data pipelines: the shared-seed shuffle's buffer")
+
+    @model_validator(mode="after")
+    def _files_need_a_path(self) -> "DataSpec":
+        if self.name == "files" and not self.path:
+            raise ValueError("data.name files needs data.path, the shard folder — fix: set data.path: DIR "
+                             "(write one with `hvdkit data shard digits DIR`)")
+        return self
 
 
 class OptimizerSpec(_Strict):

@@ -36,6 +36,11 @@ def overrides_build_model(py: PythonRecipe | None) -> bool:
     return py is not None and type(py).build_model is not PythonRecipe.build_model
 
 
+def overrides_build_data(py: PythonRecipe | None) -> bool:
+    """Does this recipe load its own data (rather than the built-in dataset in config['data'])?"""
+    return py is not None and type(py).build_data is not PythonRecipe.build_data
+
+
 def accepts_parallel(py: PythonRecipe | None) -> bool:
     """Does its build_model take a ``parallel`` context (a model it can split itself)?"""
     if not overrides_build_model(py):

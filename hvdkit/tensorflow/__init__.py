@@ -16,6 +16,17 @@ def make_backend(recipe, data, model=None):
     return TensorFlowBackend(recipe, data, model)
 
 
+def check_data(data) -> None:
+    """Refuse, before training, data this framework cannot read (e.g. another framework's pipeline)."""
+    from hvdkit.core.data import DataSplits
+
+    if isinstance(data, DataSplits) and data.kind not in ("files",):
+        import hvdkit.tensorflow._backend  # noqa: F401  (the framework, with its install hint)
+        from hvdkit.tensorflow._data import check
+
+        check(data)
+
+
 def before_model_build(recipe) -> None:
     """What must hold before a recipe's own model is built: Keras' dtype policy (``precision``)."""
     from hvdkit.tensorflow._backend import set_precision
@@ -43,4 +54,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["before_model_build", "make_backend", *_LAZY]
+__all__ = ["before_model_build", "check_data", "make_backend", *_LAZY]

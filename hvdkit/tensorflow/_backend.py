@@ -17,6 +17,7 @@ import numpy as np
 
 from hvdkit._frameworks import require
 from hvdkit.core import ArrayDataset, apply_horovod_knobs, atomic_write, shard_eval
+from hvdkit.core.data import DataSplits
 from hvdkit.core._layout import ParallelLayout
 from hvdkit.errors import ParallelError
 from hvdkit.recipe import Recipe
@@ -25,7 +26,7 @@ tf, hvd = require("tensorflow")
 
 import keras  # noqa: E402
 
-from hvdkit.tensorflow import _models, _optimizer  # noqa: E402
+from hvdkit.tensorflow import _data, _models, _optimizer  # noqa: E402
 from hvdkit.tensorflow import _tensor_parallel as tp  # noqa: E402
 from hvdkit.tensorflow._accelerator import accelerator_name  # noqa: E402
 
@@ -67,7 +68,7 @@ def training_loss(label_smoothing: float = 0.0):
 class TensorFlowBackend:
     checkpoint_ext = "npz"
 
-    def __init__(self, recipe: Recipe, data: ArrayDataset, model: "keras.Model | None" = None) -> None:
+    def __init__(self, recipe: Recipe, data: ArrayDataset | DataSplits, model: "keras.Model | None" = None) -> None:
         _optimizer.configure_threads(recipe.threads)  # before any TF op runs
         set_precision(recipe)  # before the built-in model is built
         apply_horovod_knobs(recipe)  # the recipe's cycle time / fusion threshold, unless set
@@ -100,13 +101,17 @@ class TensorFlowBackend:
         self.accelerator: str | None = accelerator_name(hvd.local_rank())
         keras.utils.set_random_seed(recipe.seed)
         self.recipe, self.data = recipe, data
-        # Arrays stay numpy (channel-last already); a batch is one fancy index + one conversion.
-        self.x, self.y = data.x_train, data.y_train
-        # Each model copy evaluates its slice (a split model's forward pass is a collective of its
-        # group, whose members must see the same inputs); the global sums then count every sample
-        # `model` times, which the loss and accuracy ratios do not see.
-        val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
-        self.x_val, self.y_val = data.x_val[val], data.y_val[val]
+        self.streamed = isinstance(data, DataSplits)  # a shard folder or the recipe's own tf.data pipeline
+        if self.streamed:
+            self.x = self.y = self.x_val = self.y_val = None
+        else:
+            # Arrays stay numpy (channel-last already); a batch is one fancy index + one conversion.
+            self.x, self.y = data.x_train, data.y_train
+            # Each model copy evaluates its slice (a split model's forward pass is a collective of its
+            # group, whose members must see the same inputs); the global sums then count every sample
+            # `model` times, which the loss and accuracy ratios do not see.
+            val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
+            self.x_val, self.y_val = data.x_val[val], data.y_val[val]
         if split and model is not None:
             # A Python recipe's own split model: built now that its process sets exist.
             self.model = model(tp.ParallelContext(self.layout, self.model_set, self.data_set, self.rank))
@@ -118,7 +123,8 @@ class TensorFlowBackend:
             self.model = model if model is not None else _models.build(recipe.model, data.input_shape, data.num_classes)
         self._full_state: dict | None = None  # a split model's gathered checkpoint state (prepare/load)
         self._batch_checked = False  # split: the first batch is checked to be the same in a model group
-        self.model(tf.convert_to_tensor(self.x[:1]), training=False)  # variables exist from here on
+        one = tf.zeros((1, *data.input_shape)) if self.streamed else tf.convert_to_tensor(self.x[:1])
+        self.model(one, training=False)  # variables exist from here on
         self.passes = recipe.horovod.backward_passes_per_step
         self.compression = _optimizer.get_compression(recipe.horovod.compression)
         self.weight_decay = _optimizer.l2_coefficient(recipe.optimizer)
@@ -183,6 +189,16 @@ class TensorFlowBackend:
         self._batch_checked = True
 
     # -- the loop's contract -------------------------------------------------------------
+    def train_feed(self, recipe: Recipe, data_rank: int, data_size: int):
+        """Streamed data's batches (one tf.data pipeline per epoch); None: the loop cuts the arrays by ``batch``."""
+        return _data.TfFeed(self.data, recipe, data_rank, data_size) if self.streamed else None
+
+    def _val_batches(self):
+        if self.streamed:
+            return _data.val_batches(self.data, self.data_rank, self.data_size)
+        return ((self.x_val[lo : lo + _EVAL_BATCH], self.y_val[lo : lo + _EVAL_BATCH])
+                for lo in range(0, len(self.x_val), _EVAL_BATCH))
+
     def batch(self, indices: np.ndarray) -> Any:
         if self.split and not self._batch_checked:
             self._check_group_batch(indices)
@@ -195,14 +211,14 @@ class TensorFlowBackend:
         return self.optimizer.step(x, y, lr)
 
     def evaluate(self) -> dict[str, float]:
-        loss_sum, correct = 0.0, 0
-        for lo in range(0, len(self.x_val), _EVAL_BATCH):
-            x, y = self.x_val[lo : lo + _EVAL_BATCH], self.y_val[lo : lo + _EVAL_BATCH]
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y in self._val_batches():
             logits = self._logits(tf.convert_to_tensor(x))
             loss_sum += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)))
             correct += int(np.sum(np.argmax(logits.numpy(), axis=1) == y))
+            count += len(y)
         # Sum counts over ranks so uneven shards weigh by sample count.
-        tot = self.allreduce_sum(np.array([loss_sum, correct, len(self.y_val)], dtype=np.float64))
+        tot = self.allreduce_sum(np.array([loss_sum, correct, count], dtype=np.float64))
         return {"val_loss": float(tot[0] / tot[2]), "val_accuracy": float(tot[1] / tot[2])}
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:

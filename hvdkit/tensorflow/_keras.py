@@ -29,6 +29,7 @@ import numpy as np
 from hvdkit._frameworks import require
 from hvdkit._rank import rank_zero
 from hvdkit.core import ArrayDataset, CheckpointPolicy, LRSchedule, ShardedBatches, Summary, plan_steps, resume
+from hvdkit.core.data import DataSplits
 from hvdkit.core.early_stopping import EarlyStopping
 from hvdkit.core.job import JobFolder
 from hvdkit.core.loop import checkpoint_policy, reduce_summary
@@ -324,7 +325,7 @@ def sharded_dataset(data: ArrayDataset, batches: ShardedBatches, epochs: Sequenc
 def fit_with_horovod(
     backend_or_model: Any,
     recipe: Recipe,
-    data: ArrayDataset,
+    data: ArrayDataset | DataSplits,
     *,
     tracker: Any = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -354,7 +355,9 @@ def fit_with_horovod(
                           fix="with keras_fit each Keras batch is one micro-batch: make batch_size divisible")
     # Shards per model copy: the members of a split model's group train on the same batches.
     data_rank, data_size = getattr(backend, "data_rank", rank), getattr(backend, "data_size", size)
-    batches = ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed)
+    feed = backend.train_feed(recipe, data_rank, data_size)  # None: the in-memory arrays
+    batches = feed or ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed,
+                                     pad=recipe.data.uneven == "pad")
     epochs, total_steps = plan_steps(recipe, batches.steps_per_epoch)
     policy, job = checkpoint_policy(recipe, job, backend.checkpoint_ext)
     summary = Summary()
@@ -366,8 +369,11 @@ def fit_with_horovod(
 
     bar = progress(total_steps, step) if progress else None
     micro_batch = recipe.batch_size // passes
-    ds = sharded_dataset(data, batches, range(start_epoch, epochs), micro_batch,
-                         max(0, total_steps - step) * passes, recipe.threads)
+    if feed is not None:
+        ds = feed.fit_dataset(range(start_epoch, epochs), micro_batch, max(0, total_steps - step) * passes)
+    else:
+        ds = sharded_dataset(data, batches, range(start_epoch, epochs), micro_batch,
+                             max(0, total_steps - step) * passes, recipe.threads)
     tracked = _Progress(backend, recipe, tracker, policy, epochs=epochs, total_steps=total_steps, start_step=step,
                         batch_size=recipe.batch_size, passes=passes, bar=bar)
     cbs = [

@@ -12,4 +12,15 @@ def make_backend(recipe, data, model=None):
     return TorchBackend(recipe, data, model)
 
 
-__all__ = ["make_backend"]
+def check_data(data) -> None:
+    """Refuse, before training, data this framework cannot read (e.g. another framework's pipeline)."""
+    from hvdkit.core.data import DataSplits
+
+    if isinstance(data, DataSplits) and data.kind not in ("files",):
+        import hvdkit.torch._backend  # noqa: F401  (the framework, with its install hint)
+        from hvdkit.torch._data import check
+
+        check(data)
+
+
+__all__ = ["check_data", "make_backend"]

@@ -14,13 +14,14 @@ import numpy as np
 
 from hvdkit._frameworks import require
 from hvdkit.core import ArrayDataset, apply_horovod_knobs, atomic_write, shard_eval
+from hvdkit.core.data import DataSplits
 from hvdkit.core._layout import ParallelLayout
 from hvdkit.errors import ParallelError
 from hvdkit.recipe import Recipe
 
 torch, hvd = require("torch")
 
-from hvdkit.torch import _models  # noqa: E402  (needs torch, imported just above)
+from hvdkit.torch import _data, _models  # noqa: E402  (needs torch, imported just above)
 from hvdkit.torch import _tensor_parallel as tp  # noqa: E402
 from hvdkit.torch._accelerator import accelerator_name, model_device  # noqa: E402
 
@@ -36,7 +37,7 @@ def _optimizer(params, spec) -> "torch.optim.Optimizer":
 class TorchBackend:
     checkpoint_ext = "pt"
 
-    def __init__(self, recipe: Recipe, data: ArrayDataset, model: "torch.nn.Module | None" = None) -> None:
+    def __init__(self, recipe: Recipe, data: ArrayDataset | DataSplits, model: "torch.nn.Module | None" = None) -> None:
         apply_horovod_knobs(recipe)  # the recipe's cycle time / fusion threshold, unless set
         split = recipe.parallel.model > 1
         self.model_set = self.data_set = None
@@ -65,15 +66,22 @@ class TorchBackend:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)  # one compute thread per rank unless told otherwise
         torch.manual_seed(recipe.seed)
-        # Whole arrays become tensors once (NHWC -> NCHW); a batch is then one index op.
-        self.x = torch.from_numpy(np.ascontiguousarray(data.x_train.transpose(0, 3, 1, 2)))
-        self.y = torch.from_numpy(data.y_train)
-        # Each model copy evaluates its slice (a split model's forward pass is a collective of its
-        # group: the members must see the same inputs); the global sums then count every sample
-        # `model` times, which the loss and accuracy ratios do not see.
-        val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
-        self.x_val = torch.from_numpy(np.ascontiguousarray(data.x_val[val].transpose(0, 3, 1, 2)))
-        self.y_val = torch.from_numpy(data.y_val[val])
+        self.recipe, self.data = recipe, data
+        self.streamed = isinstance(data, DataSplits)  # a shard folder or the recipe's own Dataset
+        if self.streamed:
+            self.x = self.y = self.x_val = self.y_val = None
+            input_shape = _data.model_input_shape(data)
+        else:
+            # Whole arrays become tensors once (NHWC -> NCHW); a batch is then one index op.
+            self.x = torch.from_numpy(np.ascontiguousarray(data.x_train.transpose(0, 3, 1, 2)))
+            self.y = torch.from_numpy(data.y_train)
+            # Each model copy evaluates its slice (a split model's forward pass is a collective of its
+            # group: the members must see the same inputs); the global sums then count every sample
+            # `model` times, which the loss and accuracy ratios do not see.
+            val = shard_eval(len(data.x_val), self.data_rank, self.data_size)
+            self.x_val = torch.from_numpy(np.ascontiguousarray(data.x_val[val].transpose(0, 3, 1, 2)))
+            self.y_val = torch.from_numpy(data.y_val[val])
+            input_shape = tuple(self.x.shape[1:])
         if split and model is not None:
             # A Python recipe's own split model: built now that its process sets exist.
             model = model(tp.ParallelContext(self.layout, self.model_set, self.data_set, self.rank))
@@ -85,10 +93,10 @@ class TorchBackend:
                                     fix="use model.name=mlp, or parallel.model=1")
             # Same seed on every rank (torch.manual_seed above): the replicated parameters agree,
             # each slice is drawn from a generator offset by the member's position.
-            self.model = tp.TensorParallelMLP(int(np.prod(self.x.shape[1:])), list(recipe.model.hidden), data.num_classes,
+            self.model = tp.TensorParallelMLP(int(np.prod(input_shape)), list(recipe.model.hidden), data.num_classes,
                                               self.model_set, flatten=True)
         else:
-            self.model = model if model is not None else _models.build(recipe.model, tuple(self.x.shape[1:]), data.num_classes)
+            self.model = model if model is not None else _models.build(recipe.model, input_shape, data.num_classes)
         self._full_state: dict | None = None  # a split job's gathered checkpoint state (prepare/load)
         # Training loss; evaluation stays plain cross-entropy.
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
@@ -139,6 +147,15 @@ class TorchBackend:
         return tp.layer_comm_seconds() if self.split else 0.0
 
     # -- the loop's contract -------------------------------------------------------------
+    def train_feed(self, recipe: Recipe, data_rank: int, data_size: int):
+        """Streamed data's batches (read ahead); None: the loop cuts the in-memory arrays by ``batch``."""
+        return _data.train_feed(self.data, recipe, data_rank, data_size) if self.streamed else None
+
+    def _val_batches(self):
+        if self.streamed:
+            return _data.val_batches(self.data, self.recipe, self.data_rank, self.data_size)
+        return iter([(self.x_val, self.y_val)] if len(self.x_val) else [])
+
     def batch(self, indices: np.ndarray) -> Any:
         idx = torch.from_numpy(indices)
         return self.x[idx], self.y[idx]
@@ -171,12 +188,15 @@ class TorchBackend:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        with self.autocast():
-            out = self.model(self.x_val).float() if len(self.x_val) else torch.empty(0, 1)
-        loss_sum = torch.nn.functional.cross_entropy(out, self.y_val, reduction="sum").item() if len(self.x_val) else 0.0
-        correct = (out.argmax(1) == self.y_val).sum().item() if len(self.x_val) else 0
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y in self._val_batches():
+            with self.autocast():
+                out = self.model(x).float()
+            loss_sum += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            count += len(y)
         # Sum counts over ranks so uneven shards weigh by sample count.
-        tot = self.allreduce_sum(np.array([loss_sum, correct, len(self.y_val)], dtype=np.float64))
+        tot = self.allreduce_sum(np.array([loss_sum, correct, count], dtype=np.float64))
         return {"val_loss": float(tot[0] / tot[2]), "val_accuracy": float(tot[1] / tot[2])}
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:

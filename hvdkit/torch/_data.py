@@ -1,0 +1,112 @@
+"""Streamed data on torch: shard folders, and a recipe's own ``torch.utils.data.Dataset``.
+
+Sharding is the loop's (:class:`hvdkit.core.sharding.ShardedBatches`): a ``DataLoader`` is handed
+this rank's batches of indices as its ``batch_sampler``, so the DistributedSampler contract holds
+(disjoint shards, a fresh shared-seed order every epoch, the same number of steps on every rank)
+and step k at np=p sees what step k at np=1 with batch p·b sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from hvdkit.core.data import DataSplits
+from hvdkit.core.feed import IndexFeed, read_ahead
+from hvdkit.core.sharding import ShardedBatches, shard_eval
+from hvdkit.errors import RecipeError
+
+import torch  # noqa: E402  (hvdkit.torch._backend imported it with an install hint first)
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset  # noqa: E402
+
+EVAL_BATCH = 1024
+
+
+def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Channel-last image arrays as torch's NCHW tensors (as the built-in arrays are fed)."""
+    if x.ndim == 4:
+        x = x.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def model_input_shape(data: DataSplits) -> tuple[int, ...]:
+    """What the model sees: a shard folder's channel-last images turned NCHW; a Dataset's items as they are."""
+    shape = tuple(data.input_shape)
+    if data.kind == "files" and len(shape) == 3:
+        return (shape[2], shape[0], shape[1])
+    return shape
+
+
+def check(data: Any) -> None:
+    """A recipe's own pipeline must be torch's: one line and exit 2 otherwise, before training."""
+    if not isinstance(data, DataSplits) or data.kind in ("files", "torch"):
+        if isinstance(data, DataSplits) and isinstance(data.train, IterableDataset):
+            raise RecipeError(
+                f"build_data returned an IterableDataset ({type(data.train).__name__}): hvdkit shards by index, "
+                "which a stream has not",
+                fix="return a map-style torch.utils.data.Dataset (__len__ and __getitem__)")
+        if isinstance(data, DataSplits) and data.kind == "torch" and not isinstance(data.train, Dataset):
+            raise RecipeError(f"build_data returned {type(data.train).__name__}, not a torch.utils.data.Dataset",
+                              fix="return DataSplits(train=<a torch Dataset>, ...)")
+        return
+    raise RecipeError(
+        f"build_data returned a {data.kind} pipeline ({type(data.train).__name__}) but this job runs on torch",
+        fix="return torch.utils.data.Dataset objects for --framework torch, or run --framework tensorflow")
+
+
+class _EpochBatches:
+    """A ``batch_sampler``: this rank's index batches of the current epoch (set before iterating)."""
+
+    def __init__(self, sharding: ShardedBatches) -> None:
+        self.sharding, self.epoch = sharding, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (idx.tolist() for idx in self.sharding.epoch(self.epoch))
+
+    def __len__(self) -> int:
+        return self.sharding.steps_per_epoch
+
+
+class LoaderFeed:
+    """A recipe's map-style Dataset through a DataLoader: ``data.workers`` worker processes (kept
+    across epochs), each reading ``data.prefetch`` batches ahead; with no workers, one thread reads ahead."""
+
+    def __init__(self, dataset: "Dataset", sharding: ShardedBatches, workers: int, prefetch: int) -> None:
+        self.sampler = _EpochBatches(sharding)
+        kw: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
+        if workers:
+            kw["prefetch_factor"] = max(1, prefetch)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, **kw)
+        self.prefetch = 0 if workers else prefetch
+        self.steps_per_epoch = sharding.steps_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Any, int]]:
+        self.sampler.epoch = epoch
+        batches = ((batch, len(batch[1])) for batch in self.loader)
+        return read_ahead(batches, self.prefetch) if self.prefetch else batches
+
+
+def train_feed(data: DataSplits, recipe, data_rank: int, data_size: int):
+    """This rank's training batches for a shard folder or a recipe's Dataset."""
+    train = data.train
+    order = train.epoch_order if data.kind == "files" else None
+    sharding = ShardedBatches(len(train), recipe.batch_size, data_rank, data_size, recipe.seed,
+                              order=(lambda e: order(recipe.seed, e)) if order else None,
+                              pad=recipe.data.uneven == "pad")
+    if data.kind == "files":
+        return IndexFeed(sharding, lambda idx: to_tensors(*train.take(idx)), recipe.data.prefetch)
+    return LoaderFeed(train, sharding, recipe.data.workers, recipe.data.prefetch)
+
+
+def val_batches(data: DataSplits, recipe, data_rank: int, data_size: int) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """This rank's contiguous slice of the validation data, in pieces (counts weigh the average)."""
+    val = data.val
+    if val is None:
+        return iter(())
+    part = shard_eval(len(val), data_rank, data_size)
+    if data.kind == "files":
+        return (to_tensors(x, y) for x, y in val.chunks(part.start, part.stop, EVAL_BATCH))
+    loader = DataLoader(Subset(val, range(part.start, part.stop)), batch_size=EVAL_BATCH, num_workers=recipe.data.workers)
+    return ((x, y.long()) for x, y in loader)
