@@ -494,3 +494,26 @@ def folder_bytes(split: ShardedSplit) -> int:
 
 
 __all__ = ["FORMAT", "check_out_dir", "ShardFolder", "ShardedSplit", "folder_bytes", "synthetic_splits", "write_shards"]
+
+
+def digits_shards(path: str | Path | None = None, *, seed: int = 42, rows_per_shard: int = 256,
+                  fmt: str = "npz") -> Path:
+    """The bundled digits as a shard folder, written once (``hvdkit data shard digits`` with this
+    seed) and reused: the example recipes read it with their framework's own pipeline. Several
+    processes may ask at once (every rank of a plain horovodrun line): a file lock lets one write."""
+    import fcntl
+
+    from hvdkit.build._cache import cache_root
+    from hvdkit.core.data import digits
+
+    out = Path(path or cache_root() / "data" / f"digits-{fmt}-seed{seed}").expanduser()
+    if (out / INDEX).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (out / INDEX).is_file():
+            d = digits(0.2, seed)  # the built-in digits split of this seed
+            write_shards(out, {"train": [(d.x_train, d.y_train)], "val": [(d.x_val, d.y_val)]},
+                         num_classes=d.num_classes, rows_per_shard=rows_per_shard, fmt=fmt)
+    return out

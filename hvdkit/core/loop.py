@@ -196,8 +196,9 @@ def train_feed(backend: Backend, recipe: Recipe, data: Any, data_rank: int, data
     """This rank's batches: the backend's own feed (files, a framework's pipeline) when it has
     one, else index arrays into the training arrays, each cut by ``backend.batch``."""
     own = getattr(backend, "train_feed", None)
-    if own is not None:
-        return own(recipe, data_rank, data_size)
+    feed = own(recipe, data_rank, data_size) if own is not None else None
+    if feed is not None:
+        return feed
     sharding = ShardedBatches(len(data.x_train), recipe.batch_size, data_rank, data_size, recipe.seed,
                               pad=recipe.data.uneven == "pad")
     return IndexFeed(sharding, backend.batch)
