@@ -160,3 +160,76 @@ def test_sharding_contract_in_one_process():
             assert set(np.concatenate(e0)) == set(range(n))
         e1 = np.concatenate(list(parts[0].epoch(1)))
         assert not np.array_equal(e0[0], e1)
+
+
+FORMULA_RECIPE = textwrap.dedent('''
+    from hvdkit.core.data import DataSplits, digits
+    from hvdkit.recipe import PythonRecipe
+
+    class DigitsPipeline(PythonRecipe):
+        config = {"name": "digits-pipeline", "model": {"name": "mlp"}, "data": {"name": "custom"}}
+
+        def build_data(self, seed):
+            d = digits(0.2, seed)
+            if "{framework}" == "torch":
+                import torch
+                from torch.utils.data import TensorDataset
+
+                def wrap(x, y):  # channel-first items, as the built-in arrays are fed
+                    return TensorDataset(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y))
+
+                return DataSplits(wrap(d.x_train, d.y_train), wrap(d.x_val, d.y_val), num_classes=10)
+            import tensorflow as tf
+
+            return DataSplits(tf.data.Dataset.from_tensor_slices((d.x_train, d.y_train)),
+                              tf.data.Dataset.from_tensor_slices((d.x_val, d.y_val)), num_classes=10)
+''')
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_data_parallel_formula_with_a_pipeline(tmp_path, framework):
+    """5 plain-SGD steps through a torch Dataset / tf.data pipeline: np=2 × 16 == np=1 × 32."""
+    from test_recipes_run import PLAIN_SGD, _only_checkpoint, _weights
+
+    recipe = tmp_path / "pipe.py"
+    recipe.write_text(FORMULA_RECIPE.replace("{framework}", framework))
+    for np_, b in ((1, 32), (2, 16)):
+        res = hvdkit(["run", str(recipe), "-np", str(np_), "--framework", framework, "--no-track", *PLAIN_SGD,
+                      f"batch_size={b}", f"checkpoint.dir={tmp_path / f'np{np_}'}"], cwd=tmp_path)
+        assert res.returncode == 0, explain(res)
+    w1, w2 = _weights(_only_checkpoint(tmp_path / "np1")), _weights(_only_checkpoint(tmp_path / "np2"))
+    assert len(w1) == len(w2) > 0
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_read_ahead_raises_the_producers_error_and_stops_when_the_consumer_does():
+    import threading
+    import time
+
+    from hvdkit.core.feed import read_ahead
+
+    def failing():
+        yield 1
+        raise ValueError("shard 3 is corrupt")
+
+    it = read_ahead(failing(), 2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="shard 3"):
+        next(it)
+    produced = []
+
+    def endless():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    it = read_ahead(endless(), 2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer stops early (a step budget): the thread must end on its own
+    deadline = time.monotonic() + 5
+    while any(t.name == "hvdkit-read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "hvdkit-read-ahead" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 2  # bounded by the queue's depth

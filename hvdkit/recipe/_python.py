@@ -18,7 +18,9 @@ class PythonRecipe:
       ``ColumnParallelLinear`` / ``RowParallelLinear(..., parallel.model_set)``, named as the
       unsplit model's ``torch.nn.Linear`` so checkpoints (always the unsplit model) load into it;
     - ``build_data(seed)`` returns an :class:`hvdkit.core.data.ArrayDataset` (numpy arrays,
-      images channel-last); the default loads ``config['data']``'s built-in dataset.
+      images channel-last), or :class:`hvdkit.core.data.DataSplits` around your framework's own
+      pipeline (a map-style ``torch.utils.data.Dataset`` or a ``tf.data.Dataset``), which hvdkit
+      shards per rank; the default loads ``config['data']``'s built-in dataset.
     hvdkit does the Horovod part (sharding, optimizer wrapping, broadcasts, averaging).
     """
 
