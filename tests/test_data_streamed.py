@@ -53,7 +53,7 @@ def test_a_folder_four_times_the_rss_budget_trains_under_it(tmp_path):
     budget_mib = 800
     folder = tmp_path / "big"
     res = hvdkit(["data", "shard", "synthetic", str(folder), "--num-samples", "70000", "--image-size", "64",
-                  "--channels", "3", "--rows-per-shard", "512"], timeout=600)
+                  "--channels", "3", "--rows-per-shard", "256"], timeout=600)
     assert res.returncode == 0, explain(res)
     size = sum(f.stat().st_size for f in folder.iterdir())
     assert size >= 4 * budget_mib * 2**20, size
