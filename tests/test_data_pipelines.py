@@ -62,6 +62,26 @@ RECIPE = textwrap.dedent('''
                 return DataSplits(Indexed(N, True), Indexed(VAL, False), num_classes=3, input_shape=(1, 4, 4))
             import tensorflow as tf
 
+            if "{pipeline}" == "keras":
+                import keras
+
+                class Batches(keras.utils.PyDataset):  # items are whole batches of 8 (batch_size)
+                    def __init__(self, n, offset=0):
+                        super().__init__()
+                        self.n, self.offset, self.training = n, offset, False
+                    def __len__(self):
+                        return -(-self.n // 8)
+                    def on_epoch_begin(self):
+                        self.training = True  # reads before this are shape probes, not training
+                    def __getitem__(self, b):
+                        ids = range(self.offset + 8 * b, self.offset + min(self.n, 8 * (b + 1)))
+                        for i in ids if self.training else ():
+                            _record(i)
+                        xs, ys = zip(*(_sample(i) for i in ids))
+                        return np.stack(xs), np.array(ys, np.int64)
+
+                return DataSplits(Batches(N), Batches(VAL, offset=10_000), num_classes=3)
+
             def decode(i):  # hvdkit maps it after sharding: each rank reads only its own samples
                 def read(j):
                     _record(j)
@@ -104,11 +124,12 @@ def _run(tmp_path, framework, pipeline, n, uneven="drop", workers=0, epochs=1, e
 
 
 @pytest.mark.horovod
-@pytest.mark.parametrize("framework, workers", [("torch", 0), ("torch", 2), ("tensorflow", 0)],
-                         ids=["torch", "torch-2-workers", "tf.data"])
-def test_one_epoch_sees_every_sample_once_across_ranks(tmp_path, framework, workers):
+@pytest.mark.parametrize("framework, pipeline, workers", [("torch", "torch", 0), ("torch", "torch", 2),
+                                                         ("tensorflow", "tf", 0), ("tensorflow", "keras", 0)],
+                         ids=["torch", "torch-2-workers", "tf.data", "keras-PyDataset"])
+def test_one_epoch_sees_every_sample_once_across_ranks(tmp_path, framework, pipeline, workers):
     # 64 samples, batch 8 × 2 ranks: 4 steps; every index served once, by exactly one rank.
-    res, seen, summary = _run(tmp_path, framework, "torch" if framework == "torch" else "tf", 64, workers=workers)
+    res, seen, summary = _run(tmp_path, framework, pipeline, 64, workers=workers)
     assert res.returncode == 0, explain(res)
     assert summary["steps"] == 4 and summary["epochs"] == 1, summary
     assert set(seen) == {"0", "1"}, seen
@@ -171,11 +192,26 @@ FORMULA_RECIPE = textwrap.dedent('''
 
         def build_data(self, seed):
             d = digits(0.2, seed)
-            if "{framework}" == "torch":
+            if "{framework}" in ("torch", "torch-stream"):
+                import numpy as np
                 import torch
-                from torch.utils.data import TensorDataset
+                from torch.utils.data import IterableDataset, TensorDataset
+
+                class Stream(IterableDataset):
+                    """Items in an order of its own, reshuffled by set_epoch (as a stream over files would)."""
+                    def __init__(self, x, y):
+                        self.x, self.y, self.epoch = x, y, 0
+                    def set_epoch(self, epoch):
+                        self.epoch = epoch
+                    def __len__(self):
+                        return len(self.y)
+                    def __iter__(self):
+                        for i in np.random.default_rng((7, self.epoch)).permutation(len(self.y)):
+                            yield torch.from_numpy(self.x[i].transpose(2, 0, 1).copy()), int(self.y[i])
 
                 def wrap(x, y):  # channel-first items, as the built-in arrays are fed
+                    if "{framework}" == "torch-stream":
+                        return Stream(x, y)
                     return TensorDataset(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y))
 
                 return DataSplits(wrap(d.x_train, d.y_train), wrap(d.x_val, d.y_val), num_classes=10)
@@ -187,16 +223,20 @@ FORMULA_RECIPE = textwrap.dedent('''
 
 
 @pytest.mark.horovod
-@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
-def test_data_parallel_formula_with_a_pipeline(tmp_path, framework):
-    """5 plain-SGD steps through a torch Dataset / tf.data pipeline: np=2 × 16 == np=1 × 32."""
+@pytest.mark.parametrize("pipeline", ["torch", "torch-stream", "tensorflow"])
+def test_data_parallel_formula_with_a_pipeline(tmp_path, pipeline):
+    """5 plain-SGD steps through a torch Dataset, a torch IterableDataset (np=2 with 2 DataLoader
+    workers: their batches come back in order) or a tf.data pipeline: np=2 × 16 == np=1 × 32."""
     from test_recipes_run import PLAIN_SGD, _only_checkpoint, _weights
 
+    framework = "tensorflow" if pipeline == "tensorflow" else "torch"
     recipe = tmp_path / "pipe.py"
-    recipe.write_text(FORMULA_RECIPE.replace("{framework}", framework))
+    recipe.write_text(FORMULA_RECIPE.replace("{framework}", pipeline))
     for np_, b in ((1, 32), (2, 16)):
+        workers = 2 if np_ == 2 and pipeline == "torch-stream" else 0
         res = hvdkit(["run", str(recipe), "-np", str(np_), "--framework", framework, "--no-track", *PLAIN_SGD,
-                      f"batch_size={b}", f"checkpoint.dir={tmp_path / f'np{np_}'}"], cwd=tmp_path)
+                      f"batch_size={b}", f"data.workers={workers}", f"checkpoint.dir={tmp_path / f'np{np_}'}"],
+                     cwd=tmp_path)
         assert res.returncode == 0, explain(res)
     w1, w2 = _weights(_only_checkpoint(tmp_path / "np1")), _weights(_only_checkpoint(tmp_path / "np2"))
     assert len(w1) == len(w2) > 0

@@ -71,6 +71,8 @@ def pipeline_kind(obj: Any) -> str:
     if isinstance(obj, ShardedSplit):
         return "files"
     mod = type(obj).__module__
+    if any(c.__name__ == "PyDataset" and c.__module__.startswith("keras") for c in type(obj).__mro__):
+        return "keras"  # a keras.utils.PyDataset: items are whole batches
     if hasattr(obj, "element_spec") or mod.startswith(("tensorflow", "keras")):
         return "tf.data"
     if mod.startswith("torch") or any(c.__module__.startswith("torch.utils.data") for c in type(obj).__mro__):
@@ -90,7 +92,7 @@ def check_data(data: Any, recipe, *, elastic: bool) -> None:
                               "num_classes=...) around a torch Dataset or a tf.data.Dataset")
     kind = data.kind
     wanted = {"torch": "torch", "tensorflow": "tf.data"}[recipe.framework]
-    if kind not in ("files", wanted):
+    if kind not in ("files", wanted) and not (kind == "keras" and recipe.framework == "tensorflow"):
         raise RecipeError(
             f"build_data returned a {kind} pipeline ({type(data.train).__name__}) but this job runs on {recipe.framework}",
             fix=f"return {'torch.utils.data.Dataset' if wanted == 'torch' else 'tf.data.Dataset'} objects for "
@@ -111,8 +113,14 @@ def sample_shape(train: Any) -> tuple[int, ...]:
         return tuple(int(d) for d in spec[0].shape)
     if hasattr(train, "input_shape"):
         return tuple(train.input_shape)
-    x = train[0][0]
-    return tuple(int(d) for d in x.shape)
+    # A map-style dataset's first item, else a stream's first element (read once more by training)
+    if pipeline_kind(train) == "keras":  # a PyDataset's item is a batch: drop its batch axis
+        return tuple(int(d) for d in train[0][0].shape[1:])
+    try:
+        first = train[0]
+    except (NotImplementedError, TypeError, AttributeError):  # torch's IterableDataset has no items
+        first = next(iter(train))
+    return tuple(int(d) for d in first[0].shape)
 
 
 def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int, num_classes: int) -> ArrayDataset:

@@ -31,7 +31,7 @@ EVAL_BATCH = 1024
 
 def check(data: Any) -> None:
     """A recipe's own pipeline must be TensorFlow's: one line and exit 2 otherwise, before training."""
-    if not isinstance(data, DataSplits) or data.kind in ("files", "tf.data"):
+    if not isinstance(data, DataSplits) or data.kind in ("files", "tf.data", "keras"):
         if isinstance(data, DataSplits) and data.kind == "tf.data" and not isinstance(data.train, tf.data.Dataset):
             raise RecipeError(f"build_data returned {type(data.train).__name__}, not a tf.data.Dataset",
                               fix="return DataSplits(train=<a tf.data.Dataset of (x, y)>, ...), e.g. via "
@@ -66,6 +66,16 @@ class TfFeed:
                                            order=lambda e: train.epoch_order(recipe.seed, e), pad=self.pad)
             self.steps_per_epoch = self.sharding.steps_per_epoch
             self.signature = (tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int64))
+        elif data.kind == "keras":
+            # A PyDataset's items are its own batches: a global step takes data_size of them, one
+            # per rank, from an order of its batches drawn from (seed, epoch), the same everywhere.
+            self.sharding = ShardedBatches(len(data.train), 1, data_rank, data_size, recipe.seed, pad=self.pad)
+            self.steps_per_epoch = self.sharding.steps_per_epoch
+            x0, y0 = data.train[0][:2]
+            if len(y0) != self.batch:  # the throughput, the LR rule and Keras fit count batch_size samples a step
+                raise RecipeError(f"the PyDataset's batches hold {len(y0)} samples but batch_size is {self.batch}",
+                                  fix=f"set batch_size: {len(y0)} in the recipe (a PyDataset batches itself)")
+            self.signature = (tf.TensorSpec((None, *np.shape(x0)[1:]), tf.float32), tf.TensorSpec((None,), tf.int64))
         else:
             self.num_samples = _cardinality(data.train, "training")
             global_batch = self.batch * data_size
@@ -81,6 +91,12 @@ class TfFeed:
             train, sharding = self.data.train, self.sharding
             ds = tf.data.Dataset.from_generator(lambda: (train.take(idx) for idx in sharding.epoch(epoch)),
                                                 output_signature=self.signature)
+        elif self.data.kind == "keras":
+            train, sharding = self.data.train, self.sharding
+            if hasattr(train, "on_epoch_begin"):
+                train.on_epoch_begin()
+            ds = tf.data.Dataset.from_generator(
+                lambda: (_xy(train[int(i)]) for (i,) in sharding.epoch(epoch)), output_signature=self.signature)
         else:
             seed = (self.recipe.seed * 1_000_003 + epoch) % (2**31 - 1)  # the same on every rank
             ds = self.data.train.shuffle(min(self.num_samples, self.recipe.data.shuffle_buffer), seed=seed,
@@ -104,9 +120,15 @@ class TfFeed:
             (np.zeros((0, *self.data.input_shape), np.float32), np.zeros((0,), np.int64))).batch(1)
         for part in parts[1:]:
             ds = ds.concatenate(part)
-        if micro_batch != self.batch:
+        if micro_batch != self.batch:  # backward_passes_per_step > 1: Keras batches are micro-batches
             ds = ds.rebatch(micro_batch)
         return ds.take(num_batches)
+
+
+def _xy(batch: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A PyDataset batch (x, y[, sample_weight]) as float32 x and int64 labels."""
+    x, y = batch[0], batch[1]
+    return np.asarray(x, np.float32), np.asarray(y, np.int64).reshape(-1)
 
 
 def val_batches(data: DataSplits, data_rank: int, data_size: int) -> Iterator[tuple[Any, np.ndarray]]:
@@ -117,6 +139,8 @@ def val_batches(data: DataSplits, data_rank: int, data_size: int) -> Iterator[tu
     if data.kind == "files":
         part = shard_eval(len(val), data_rank, data_size)
         return val.chunks(part.start, part.stop, EVAL_BATCH)
+    if data.kind == "keras":  # its batches dealt to the ranks; counts weigh the average
+        return (_xy(val[i]) for i in range(data_rank, len(val), data_size))
     val = val.shard(data_size, data_rank)
     if data.decode is not None:
         val = val.map(data.decode, num_parallel_calls=tf.data.AUTOTUNE)
