@@ -72,7 +72,7 @@ def _write_summary_json(path, summary, recipe, size, marks, threads=None, comm_b
     atomic_write_json(path, {"recipe": recipe.name, "framework": recipe.framework, "size": size, "steps": summary.steps,
                              "epochs": summary.epochs, "loss": summary.loss, "samples_per_sec": summary.samples_per_sec,
                              "seconds": summary.seconds, "val_metrics": summary.val_metrics, "marks": marks,
-                             "stopped_early": summary.stopped_early,
+                             "stopped_early": summary.stopped_early, "replicas_equal": summary.replicas_equal,
                              "thread_cpu_s": threads or {}, "comm_bytes": comm_bytes or {}}, compact=True)
 
 
@@ -324,6 +324,13 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
             after_step = rank_zero(backend.rank, _first_step_mark, marks) if summary_json else None
             summary = run_training(backend, recipe, data, tracker, progress=progress, after_step=after_step, job=job)
         marks["train_end"] = time.time()
+        from hvdkit.core.loop import replicas_agree
+
+        summary.replicas_equal = replicas_agree(backend)  # a collective
+        if not summary.replicas_equal:
+            rank_zero(backend.rank, print, "hvdkit: warning: the model replicas differ after training: the ranks did "
+                      "not apply the same updates", file=sys.stderr, flush=True)
+        tracker.log_metrics({"replicas_equal": float(summary.replicas_equal)}, summary.steps)
         threads = {"train_start": threads_at_start, "train_end": _thread_cpu_s()} if threads_at_start else None
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
         log_job_artifacts(tracker, summary, loaded)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from conftest import REPO, explain, hvdkit
@@ -26,6 +28,7 @@ def test_bf16_digits_reaches_95_percent_and_is_not_fp32(tmp_path, path):
     fit = f"keras_fit={'true' if path == 'keras_fit' else 'false'}"
     bf16 = _run(tmp_path, "bf16", framework, fit, "precision=bf16")  # the recipe's 15 epochs, as fp32 trains them
     assert bf16["val_metrics"]["val_accuracy"] >= 0.95, bf16
+    assert bf16["replicas_equal"] is True  # both ranks' parameters equal, bit for bit, after 15 epochs
     fp32 = _run(tmp_path, "fp32", framework, fit, "epochs=1")
     one = _run(tmp_path, "bf16-1", framework, fit, "precision=bf16", "epochs=1")
     # Same seed, same data, one epoch: bfloat16's 8-bit mantissa moves the validation loss (measured
@@ -40,3 +43,23 @@ def test_bf16_with_a_split_model_is_refused(tmp_path):
     assert res.returncode == 2, explain(res)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "precision=bf16" in lines[0] and "fix:" in lines[0], res.stderr
+
+
+def test_replicas_agree_spots_a_rank_that_differs():
+    """The check's logic (a stand-in backend; the real jobs above assert True): one differing digest
+    fails it; with a split model only ranks holding the same slice are compared."""
+    from types import SimpleNamespace
+
+    from hvdkit.core._layout import ParallelLayout
+    from hvdkit.core.loop import replicas_agree
+
+    def backend(rows, layout=None):
+        table = np.array(rows, dtype=np.float64)
+        return SimpleNamespace(size=len(rows), layout=layout, replica_digest=lambda: table[0], gather=lambda v: table)
+
+    assert replicas_agree(backend([[1.0, 2.0], [1.0, 2.0]]))
+    assert not replicas_agree(backend([[1.0, 2.0], [1.0, 2.0000000001]]))
+    # np=4 as 2 copies × 2 slices: ranks 0 and 2 hold slice 0, ranks 1 and 3 slice 1
+    split = ParallelLayout(4, 2)
+    assert replicas_agree(backend([[1, 1], [5, 5], [1, 1], [5, 5]], split))
+    assert not replicas_agree(backend([[1, 1], [5, 5], [1, 1], [5, 6]], split))

@@ -81,6 +81,7 @@ class Summary:
     resumed_from: str | None = None
     checkpoint: str | None = None
     stopped_early: bool = False  # early_stopping ended training before its last epoch
+    replicas_equal: bool | None = None  # every replica's parameters equal after training (replicas_agree)
 
 
 def plan_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:
@@ -226,6 +227,21 @@ def _accepts(fn: Callable, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def replicas_agree(backend: Backend) -> bool:
+    """After training, every rank's model equals its replicas' (a collective): the float64 sum and
+    sum of squares of each rank's parameters, gathered, must be the same bit for bit among the
+    ranks holding the same slice (all ranks, unless the model is split). Data parallelism rests on
+    it, and bf16, clipping or a custom step could break it silently. Backends without
+    ``replica_digest`` are taken on trust (True)."""
+    digest = getattr(backend, "replica_digest", None)
+    if digest is None:
+        return True
+    table = backend.gather(np.asarray(digest(), dtype=np.float64))
+    layout = getattr(backend, "layout", None)
+    groups = layout.data_groups() if layout is not None and layout.model > 1 else [list(range(backend.size))]
+    return all(np.array_equal(table[g[0]], table[r]) for g in groups for r in g)
 
 
 def reduce_summary(backend: Backend, summary: Summary, samples: int, elapsed: float, loss: float) -> Summary:

@@ -188,6 +188,11 @@ class TensorFlowBackend:
                                "layout.data_rank over layout.data (hvdkit.core.loop.data_shard)")
         self._batch_checked = True
 
+    def replica_digest(self) -> np.ndarray:
+        """[sum, sum of squares] of this rank's trainable weights in float64 (hvdkit.core.loop.replicas_agree)."""
+        flat = np.concatenate([np.asarray(v.numpy(), np.float64).reshape(-1) for v in self.model.trainable_variables])
+        return np.array([flat.sum(), (flat * flat).sum()])
+
     # -- the loop's contract -------------------------------------------------------------
     def train_feed(self, recipe: Recipe, data_rank: int, data_size: int):
         """Streamed data's batches (one tf.data pipeline per epoch); None: the loop cuts the arrays by ``batch``."""

@@ -146,6 +146,12 @@ class TorchBackend:
         """Seconds this process spent in layer collectives (0.0 when the model is not split)."""
         return tp.layer_comm_seconds() if self.split else 0.0
 
+    def replica_digest(self) -> np.ndarray:
+        """[sum, sum of squares] of this rank's parameters in float64 (hvdkit.core.loop.replicas_agree)."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
+        return np.array([flat.sum().item(), (flat * flat).sum().item()])
+
     # -- the loop's contract -------------------------------------------------------------
     def train_feed(self, recipe: Recipe, data_rank: int, data_size: int):
         """Streamed data's batches (read ahead); None: the loop cuts the in-memory arrays by ``batch``."""

@@ -44,6 +44,7 @@ JOB_KEYS: tuple[MetricKey, ...] = (
     MetricKey("loss", "", "mean of the ranks' loss at the same step", "job"),
     MetricKey("val_loss", "", "validation loss, already averaged over ranks", "job"),
     MetricKey("val_accuracy", "", "validation accuracy, already averaged over ranks", "job"),
+    MetricKey("replicas_equal", "", "1 when every rank's parameters equal its replicas' after training, else 0", "job"),
     MetricKey("straggler_ratio", "", "max / median of the ranks' step_time_s at the same step", "job"),
     MetricKey("world_size", "ranks", "number of ranks of the job", "job"),
     MetricKey("scaling_efficiency", "", "T_N / (N * T_1), T = samples_per_sec, T_1 from an np=1 baseline", "job"),
