@@ -37,6 +37,44 @@ def test_bf16_digits_reaches_95_percent_and_is_not_fp32(tmp_path, path):
     assert abs(a - b) > 1e-5, (a, b)
 
 
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_fp16_with_loss_scaling_trains_digits_and_keeps_replicas_equal(tmp_path, framework):
+    """float16 autocast / mixed_float16 with a dynamic loss scale decided on the averaged gradients:
+    digits >= 0.95, both ranks' parameters equal after training, and float16 did the math (the
+    one-epoch val_loss is not fp32's)."""
+    fp16 = _run(tmp_path, "fp16", framework, "precision=fp16")
+    assert fp16["val_metrics"]["val_accuracy"] >= 0.95, fp16
+    assert fp16["replicas_equal"] is True
+    one = _run(tmp_path, "fp16-1", framework, "precision=fp16", "epochs=1")
+    fp32 = _run(tmp_path, "fp32-1", framework, "epochs=1")
+    assert abs(one["val_metrics"]["val_loss"] - fp32["val_metrics"]["val_loss"]) > 1e-6
+
+
+def test_the_tensorflow_loss_scale_skips_overflow_and_grows_back():
+    """DynamicLossScale's rule (torch's GradScaler is torch's own): an inf/NaN in the averaged
+    gradients skips the step and halves the scale; growth_interval good steps double it."""
+    import tensorflow as tf
+
+    from hvdkit.tensorflow._optimizer import DynamicLossScale
+
+    scale = DynamicLossScale(initial=1024.0, growth_interval=2)
+    grads, finite = scale.unscale([tf.constant([2048.0, 1024.0])])
+    assert finite and np.allclose(grads[0].numpy(), [2.0, 1.0]) and float(scale.value) == 1024.0
+    _, finite = scale.unscale([tf.constant([np.inf, 1.0])])
+    assert not finite and float(scale.value) == 512.0 and scale.skipped == 1
+    scale.unscale([tf.constant([1.0])])
+    scale.unscale([tf.constant([1.0])])
+    assert float(scale.value) == 1024.0
+
+
+def test_fp16_with_keras_fit_is_refused(tmp_path):
+    res = hvdkit(["run", str(REPO / "recipes/digits.yaml"), "-np", "2", "--framework", "tensorflow", "keras_fit=true",
+                  "precision=fp16"], cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, explain(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "precision=fp16" in lines[0] and "fix:" in lines[0], res.stderr
+
+
 def test_bf16_with_a_split_model_is_refused(tmp_path):
     res = hvdkit(["run", str(REPO / "recipes/digits.yaml"), "-np", "2", "parallel.model=2", "precision=bf16"],
                  cwd=tmp_path, timeout=120)

@@ -140,7 +140,10 @@ class Recipe(_Strict):
     seed: int = 42
     # bf16: the forward pass (and its backward) in bfloat16 autocast, weights, gradients, their
     # allreduce and the optimizer in float32 (torch.autocast / Keras' mixed_bfloat16 policy).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp16: float16 autocast with dynamic loss scaling (torch.amp.GradScaler; a loss scale in
+    # hvdkit's TensorFlow step), decided on the averaged gradients so every rank skips the same
+    # overflowing steps. Meant for GPUs (tensor cores); it runs on a CPU too, slowly.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss against (1-e)*onehot + e/classes; 0: none")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
@@ -163,6 +166,14 @@ class Recipe(_Strict):
             raise ValueError(
                 f"early_stopping.metric={self.early_stopping.metric} is never logged: eval.enabled is false — fix: "
                 "set eval.enabled: true, or unset early_stopping.metric")
+        return self
+
+    @model_validator(mode="after")
+    def _fp16_has_a_loss_scale(self) -> "Recipe":
+        if self.precision == "fp16" and self.keras_fit:
+            raise ValueError("precision=fp16 with keras_fit: Keras' own loss scaling decides on each rank's gradients "
+                             "before they are averaged, so ranks could skip different steps — fix: keras_fit: false "
+                             "(hvdkit's loop scales the loss itself), or precision: bf16")
         return self
 
     @model_validator(mode="after")

@@ -37,8 +37,8 @@ def set_precision(recipe: Recipe) -> None:
     """Keras' dtype policy for the recipe's ``precision``, set before any model is built (a Python
     recipe's too: hvdkit.train calls this first). bf16: layers compute in bfloat16, variables,
     gradients and their allreduce stay float32 ("mixed_bfloat16")."""
-    if recipe.precision == "bf16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    if recipe.precision in ("bf16", "fp16"):
+        keras.mixed_precision.set_global_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[recipe.precision])
 
 
 def sparse_ce(labels, logits):
@@ -138,6 +138,7 @@ class TensorFlowBackend:
                 _optimizer.keras_optimizer(recipe.optimizer), self.model, self.loss_fn,
                 compression=self.compression, backward_passes_per_step=self.passes, weight_decay=self.weight_decay,
                 process_set=self.data_set, clip_norm=recipe.optimizer.clip_norm,
+                loss_scale=_optimizer.DynamicLossScale() if recipe.precision == "fp16" else None,
             )
             self.optimizer.build()
             self.keras_optimizer = self.optimizer.optimizer

@@ -162,6 +162,31 @@ def broadcast_variables(variables: Sequence[Any], root_rank: int = 0) -> None:
         hvd.broadcast_variables(tf_variables(variables), root_rank=root_rank)
 
 
+class DynamicLossScale:
+    """fp16's loss scale (as torch.amp.GradScaler): the loss is multiplied by ``value`` before the
+    gradients are taken; the averaged gradients are divided by it; a step whose averaged gradients
+    hold an inf/NaN is skipped and the scale halved, and after ``growth_interval`` good steps it
+    doubles. Decided on the averaged gradients, so every rank skips the same steps."""
+
+    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000) -> None:
+        self.value = tf.Variable(initial, trainable=False, dtype=tf.float32, name="hvdkit_loss_scale")
+        self.growth_interval, self.good_steps, self.skipped = growth_interval, 0, 0
+
+    def unscale(self, grads: Sequence[Any]) -> tuple[list, bool]:
+        inv = 1.0 / self.value
+        grads = [g * tf.cast(inv, g.dtype) for g in grads]
+        finite = bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+        if finite:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.value.assign(self.value * 2.0)
+                self.good_steps = 0
+        else:
+            self.value.assign(tf.maximum(self.value / 2.0, 1.0))
+            self.good_steps, self.skipped = 0, self.skipped + 1
+        return grads, finite
+
+
 class DistributedOptimizer:
     """A Keras 3 optimizer whose steps use gradients averaged over all Horovod ranks.
 
@@ -182,6 +207,7 @@ class DistributedOptimizer:
         weight_decay: float = 0.0,
         process_set: Any = None,
         clip_norm: float | None = None,
+        loss_scale: DynamicLossScale | None = None,
     ) -> None:
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
@@ -191,6 +217,7 @@ class DistributedOptimizer:
         self.averaging = GradientAveraging(compression, weight_decay, process_set, clip_norm)
         self.compression = self.averaging.compression
         self.passes = int(backward_passes_per_step)
+        self.loss_scale = loss_scale  # fp16 only
         self.weight_decay = self.averaging.weight_decay
         self._lr: float | None = None
         self._compute = tf.function(self._compute_gradients, reduce_retracing=True)
@@ -227,7 +254,8 @@ class DistributedOptimizer:
         for xs, ys in parts:
             with tf.GradientTape() as tape:
                 loss = self.loss_fn(ys, self.model(xs, training=True)) / divisor
-            grads = dense_gradients(tape.gradient(loss, variables), variables)
+                scaled = loss * self.loss_scale.value if self.loss_scale is not None else loss
+            grads = dense_gradients(tape.gradient(scaled, variables), variables)
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
             total += tf.cast(loss, tf.float32)
         return total, acc
@@ -248,5 +276,9 @@ class DistributedOptimizer:
         t0 = time.perf_counter()
         grads = self._average(grads)  # synchronous: returns once every rank contributed
         comm = time.perf_counter() - t0
+        if self.loss_scale is not None:
+            grads, finite = self.loss_scale.unscale(grads)  # the same decision on every rank
+            if not finite:
+                return loss, comm  # an overflowing step is skipped everywhere
         self._apply(grads)
         return loss, comm

@@ -106,8 +106,12 @@ class TorchBackend:
         self.clip_norm = recipe.optimizer.clip_norm
         # bf16: forward passes under autocast (weights, gradients and their allreduce stay fp32).
         # fp32 enters no autocast context at all: nothing added to each step.
-        self.autocast = (functools.partial(torch.autocast, model_device(self.model).type, dtype=torch.bfloat16)
-                         if recipe.precision == "bf16" else contextlib.nullcontext)
+        device = model_device(self.model).type
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision)
+        self.autocast = functools.partial(torch.autocast, device, dtype=half) if half else contextlib.nullcontext
+        # fp16: float16's 5-bit exponent underflows small gradients; the loss is scaled up before
+        # backward and the averaged gradients scaled back before the step (Horovod's AMP recipe).
+        self.scaler = torch.amp.GradScaler(device) if recipe.precision == "fp16" else None
         compression = hvd.Compression.fp16 if recipe.horovod.compression == "fp16" else hvd.Compression.none
         # Averages g_i over ranks in background allreduces that start as each gradient is ready.
         self.optimizer = hvd.DistributedOptimizer(
@@ -178,17 +182,23 @@ class TorchBackend:
             with self.autocast():
                 out = self.model(xs)
             loss = self.loss_fn(out.float(), ys) / self.passes
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         t0 = time.perf_counter()
         # Horovod's own spinning synchronize(): measured faster than a sleeping poll once there is
         # one grouped allreduce per step (docs/benchmarks.md).
         self.optimizer.synchronize()
         comm = time.perf_counter() - t0
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # the averaged gradients: every rank finds the same inf/NaN
         if self.clip_norm is not None:  # after the allreduce: every rank clips the same averaged g
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         with self.optimizer.skip_synchronize():
-            self.optimizer.step()  # θ ← θ − η·g with g = (1/p) Σ g_i
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # skipped, on every rank alike, when a gradient overflowed
+                self.scaler.update()
+            else:
+                self.optimizer.step()  # θ ← θ − η·g with g = (1/p) Σ g_i
         return total, comm
 
     @torch.no_grad()
@@ -244,6 +254,10 @@ class TorchBackend:
         # into a real update.
         if resumed:
             hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
+            if self.scaler is not None:
+                # One loss scale everywhere: the ranks' scaled gradients are averaged together.
+                self.scaler.load_state_dict(hvd.broadcast_object(self.scaler.state_dict(), root_rank=0,
+                                                                 name="hvdkit.scaler"))
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
 
     def prepare_checkpoint(self) -> None:
@@ -263,6 +277,8 @@ class TorchBackend:
             meta = {**meta, "parallel_model": self.layout.model}
         else:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()  # a resumed job continues with the same loss scale
         torch.save({**state, "meta": meta}, buf)
         atomic_write(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
 
@@ -273,6 +289,8 @@ class TorchBackend:
             return state["meta"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         return state["meta"]
 
 
