@@ -35,9 +35,47 @@ def test_clipping_after_the_allreduce_keeps_np2_equal_to_np1(tmp_path, path):
     assert any(not np.allclose(a, b, rtol=1e-3) for a, b in zip(w["np1"], w["unclipped"]))  # clipping acted
 
 
-def test_clipping_a_split_model_is_refused(tmp_path):
-    res = hvdkit(["run", str(REPO / "recipes/digits.yaml"), "-np", "2", "parallel.model=2", "optimizer.clip_norm=1"], cwd=tmp_path,
-                 timeout=120)
-    assert res.returncode == 2, explain(res)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "optimizer.clip_norm=1.0" in lines[0] and "fix:" in lines[0], res.stderr
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+@pytest.mark.parametrize("np_,model", [(2, 2), (4, 2)], ids=["np2-model2", "np4-2x2"])
+def test_a_split_model_clips_by_the_unsplit_models_norm(tmp_path, framework, np_, model):
+    """The tensor-parallel MLP clipped after averaging (hvdkit's split clipping: the slices' squared
+    norms summed over the model group, whole parameters once) equals the unsplit model clipped in one
+    process, after 3 SGD steps whose clipping binds (float64, rtol 1e-5): issue 13's equality
+    workers with the clip added on both sides."""
+    if framework == "torch":
+        from test_parallel_torch import WORKER, check_equal_to_one_process, run_parallel_job
+
+        worker = WORKER.replace(
+            "opt.zero_grad(); torch.nn.functional.mse_loss(dense(x), y).backward(); opt.step()",
+            "opt.zero_grad(); torch.nn.functional.mse_loss(dense(x), y).backward(); "
+            "torch.nn.utils.clip_grad_norm_(dense.parameters(), CLIP); opt.step()").replace(
+            "opt.zero_grad(); torch.nn.functional.mse_loss(tp(x[lo:lo + per]), y[lo:lo + per]).backward(); opt.step()",
+            "opt.zero_grad(); torch.nn.functional.mse_loss(tp(x[lo:lo + per]), y[lo:lo + per]).backward(); "
+            "opt.synchronize(); clip_grad_norm_(tp, CLIP, model_set)\n    with opt.skip_synchronize(): opt.step()").replace(
+            "from hvdkit.torch._tensor_parallel import TensorParallelMLP,",
+            "from hvdkit.torch._tensor_parallel import clip_grad_norm_, TensorParallelMLP,").replace(
+            "IN, HIDDEN, OUT, BATCH, LR, STEPS = 6, [8, 6, 8, 5], 3, 8, 0.1, 3",
+            "IN, HIDDEN, OUT, BATCH, LR, STEPS = 6, [8, 6, 8, 5], 3, 8, 0.1, 3\nCLIP = 0.05")
+    else:
+        from test_parallel_tf import WORKER, check_equal_to_one_process, run_parallel_job
+
+        worker = _tf_clipped(WORKER)
+    assert "CLIP" in worker and worker.count("clip") >= 3, "the worker's text changed: update the replacements"
+    check_equal_to_one_process(run_parallel_job(worker, tmp_path, np_, model, "gloo"), np_, model)
+
+
+def _tf_clipped(worker: str) -> str:
+    """issue 13's TensorFlow equality worker, the reference clipped by tf.clip_by_global_norm and the
+    split model's gradients averaged and clipped by hvdkit's GradientAveraging (the code path of the
+    loop and of Keras fit)."""
+    old = """    if average is not None:  # hybrid: average over the data-parallel set only
+        grads = hvd.grouped_allreduce(grads, op=hvd.Average, process_set=average)"""
+    new = """    if average is not None:  # hvdkit's averaging, then clipping by the unsplit model's norm
+        grads = GradientAveraging(process_set=average, clip_norm=CLIP, model_set=model_set)(grads, net.trainable_variables)
+    else:
+        grads = tf.clip_by_global_norm(grads, CLIP)[0]"""
+    assert old in worker
+    return worker.replace(old, new).replace(
+        "IN, HIDDEN, OUT, BATCH, LR, STEPS = 6, [8, 6, 8, 5], 3, 8, 0.1, 3",
+        "IN, HIDDEN, OUT, BATCH, LR, STEPS = 6, [8, 6, 8, 5], 3, 8, 0.1, 3\nCLIP = 0.05").replace(
+        "import horovod.tensorflow as hvd\n", "import horovod.tensorflow as hvd\nfrom hvdkit.tensorflow._optimizer import GradientAveraging\n")

@@ -185,10 +185,6 @@ class Recipe(_Strict):
             (self.model.name in ("cnn", "resnet"),
              f"parallel.model={m}: the built-in model {self.model.name!r} cannot be split (only the MLP has "
              "tensor-parallel layers) — fix: use model.name: mlp, a Python recipe's own model, or parallel.model: 1"),
-            # A split model's global norm needs its slices' norms summed over the model group.
-            (self.optimizer.clip_norm is not None,
-             f"optimizer.clip_norm={self.optimizer.clip_norm} with parallel.model={m}: clipping a split model is not "
-             "supported yet — fix: unset optimizer.clip_norm, or set parallel.model: 1"),
             (self.precision != "fp32",
              f"precision={self.precision} with parallel.model={m}: a split model trains in fp32 only for now — fix: "
              "precision: fp32, or parallel.model: 1"),

@@ -139,6 +139,7 @@ class TensorFlowBackend:
                 compression=self.compression, backward_passes_per_step=self.passes, weight_decay=self.weight_decay,
                 process_set=self.data_set, clip_norm=recipe.optimizer.clip_norm,
                 loss_scale=_optimizer.DynamicLossScale() if recipe.precision == "fp16" else None,
+                model_set=self.model_set,
             )
             self.optimizer.build()
             self.keras_optimizer = self.optimizer.optimizer
@@ -153,7 +154,7 @@ class TensorFlowBackend:
         opt = DistributedKerasOptimizer(
             _optimizer.keras_optimizer(self.recipe.optimizer), compression=self.compression,
             backward_passes_per_step=self.passes, weight_decay=self.weight_decay, process_set=self.data_set,
-            clip_norm=self.recipe.optimizer.clip_norm,
+            clip_norm=self.recipe.optimizer.clip_norm, model_set=self.model_set,
         )
         opt.build(self.model.trainable_variables)
         if previous is not None:  # keep any state the custom-loop optimizer already had

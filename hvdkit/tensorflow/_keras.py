@@ -104,6 +104,7 @@ def DistributedKerasOptimizer(
     weight_decay: float = 0.0,
     process_set: Any = None,
     clip_norm: float | None = None,
+    model_set: Any = None,
 ) -> keras.optimizers.Optimizer:
     """A copy of ``optimizer`` (same class and config) that averages gradients over all ranks.
 
@@ -111,7 +112,8 @@ def DistributedKerasOptimizer(
     local accumulator; every k-th call averages the k gradients, allreduces once, and updates.
     ``weight_decay`` adds torch-style coupled L2 (g + λθ) after averaging (0: none).
     ``process_set``: average over these ranks only (a split model's data-parallel set); None: all.
-    ``clip_norm``: clip the averaged gradients by global norm (None: no clipping).
+    ``clip_norm``: clip the averaged gradients by global norm (None: no clipping); ``model_set``: a
+    split model's group, whose slices' norms make up the unsplit model's.
     Compile the model with ``jit_compile=False``: Horovod's ops have no XLA kernels on CPU.
     """
     if backward_passes_per_step < 1:
@@ -123,7 +125,7 @@ def DistributedKerasOptimizer(
     if cls is None:
         cls = _CLASSES[base] = type(f"Distributed{base.__name__}", (_DistributedMixin, base), {"__module__": __name__})
     dist = cls.from_config(optimizer.get_config())
-    dist._hvd_averaging = GradientAveraging(compression, weight_decay, process_set, clip_norm)
+    dist._hvd_averaging = GradientAveraging(compression, weight_decay, process_set, clip_norm, model_set)
     dist._hvd_passes = int(backward_passes_per_step)
     return dist
 

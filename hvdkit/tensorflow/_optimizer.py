@@ -112,10 +112,13 @@ class GradientAveraging:
     """
 
     def __init__(self, compression: str | Any = "none", weight_decay: float = 0.0, process_set: Any = None,
-                 clip_norm: float | None = None) -> None:
+                 clip_norm: float | None = None, model_set: Any = None) -> None:
         self.compression = get_compression("none" if compression is None else compression)
         self.weight_decay = float(weight_decay)
         self.clip_norm = float(clip_norm) if clip_norm else None
+        # A split model clips by the unsplit model's norm: its slices' squared norms are summed
+        # over the model group (the ranks holding the other slices); None: the model is whole.
+        self.model_set = model_set
         # The ranks to average over: a model split over a model group averages over its
         # data-parallel process set only (the ranks holding the same slice); None: all ranks.
         self.process_set = process_set
@@ -134,11 +137,23 @@ class GradientAveraging:
             return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression)
         return hvd.grouped_allreduce(list(grads), op=hvd.Average, compression=self.compression, process_set=self.process_set)
 
-    def clip(self, grads: Sequence[Any]) -> list:
-        """``grads`` scaled so that their global norm is at most ``clip_norm`` (unchanged when None)."""
+    def clip(self, grads: Sequence[Any], variables: Sequence[Any] | None = None) -> list:
+        """``grads`` scaled so that their global norm is at most ``clip_norm`` (unchanged when None).
+        A split model (``model_set``) needs ``variables``, to tell its slices from its whole ones."""
         if self.clip_norm is None:
             return list(grads)
-        return list(tf.clip_by_global_norm(list(grads), self.clip_norm)[0])
+        if self.model_set is None or self.model_set.size() == 1 or variables is None:
+            return list(tf.clip_by_global_norm(list(grads), self.clip_norm)[0])
+        from hvdkit.tensorflow._tensor_parallel import is_tensor_parallel
+
+        def squares(gs):
+            return tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in gs]) if gs else tf.constant(0.0)
+
+        pairs = list(zip(grads, variables))
+        sliced = hvd.allreduce(squares([g for g, v in pairs if is_tensor_parallel(v)]), op=hvd.Sum,
+                               process_set=self.model_set, name="hvdkit.tp.clip_norm")
+        norm = tf.sqrt(sliced + squares([g for g, v in pairs if not is_tensor_parallel(v)]))
+        return list(tf.clip_by_global_norm(list(grads), self.clip_norm, use_norm=norm)[0])
 
     def add_weight_decay(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
         """g + λθ for each gradient and its variable; ``grads`` unchanged when λ = 0."""
@@ -148,7 +163,7 @@ class GradientAveraging:
 
     def __call__(self, grads: Sequence[Any], variables: Sequence[Any]) -> list:
         """The averaged (clipped, decayed) gradients for ``variables``: one collective, every rank must call."""
-        return self.add_weight_decay(self.clip(self.allreduce(dense_gradients(grads, variables))), variables)
+        return self.add_weight_decay(self.clip(self.allreduce(dense_gradients(grads, variables)), variables), variables)
 
 
 def tf_variables(variables: Sequence[Any]) -> list:
@@ -208,13 +223,14 @@ class DistributedOptimizer:
         process_set: Any = None,
         clip_norm: float | None = None,
         loss_scale: DynamicLossScale | None = None,
+        model_set: Any = None,
     ) -> None:
         if backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
         self.optimizer = optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.averaging = GradientAveraging(compression, weight_decay, process_set, clip_norm)
+        self.averaging = GradientAveraging(compression, weight_decay, process_set, clip_norm, model_set)
         self.compression = self.averaging.compression
         self.passes = int(backward_passes_per_step)
         self.loss_scale = loss_scale  # fp16 only
@@ -265,7 +281,7 @@ class DistributedOptimizer:
 
     def _apply_gradients(self, grads):
         variables = self.model.trainable_variables
-        self.optimizer.apply(self.averaging.add_weight_decay(self.averaging.clip(grads), variables), variables)
+        self.optimizer.apply(self.averaging.add_weight_decay(self.averaging.clip(grads, variables), variables), variables)
 
     def step(self, x, y, lr: float | None = None) -> tuple[float, float]:
         """θ ← update(θ, (1/p) Σ_i g_i); returns (this rank's loss, seconds in the allreduce)."""

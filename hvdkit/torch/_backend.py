@@ -191,7 +191,9 @@ class TorchBackend:
         comm = time.perf_counter() - t0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # the averaged gradients: every rank finds the same inf/NaN
-        if self.clip_norm is not None:  # after the allreduce: every rank clips the same averaged g
+        if self.clip_norm is not None and self.split:  # the unsplit model's norm, over the model group
+            tp.clip_grad_norm_(self.model, self.clip_norm, self.model_set)
+        elif self.clip_norm is not None:  # after the allreduce: every rank clips the same averaged g
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         with self.optimizer.skip_synchronize():
             if self.scaler is not None:

@@ -441,6 +441,25 @@ def is_tensor_parallel(p) -> bool:
 
 
 @torch.no_grad()
+def clip_grad_norm_(module: "torch.nn.Module", max_norm: float, model_set) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` for a split model: the norm of the *unsplit* model's
+    gradient, i.e. the slices' squared norms summed over the model group (one allreduce of a
+    scalar) plus the whole parameters' counted once (their gradients are the same on every member)."""
+    grads = [(p.grad, is_tensor_parallel(p)) for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = lambda gs: torch.stack([torch.linalg.vector_norm(g, 2) ** 2 for g in gs]).sum() if gs else torch.zeros(())  # noqa: E731
+    sliced = sq([g for g, split in grads if split])
+    if model_set is not None and model_set.size() > 1:
+        sliced = _timed(hvd.allreduce, sliced, op=hvd.Sum, process_set=model_set, name="tp.clip_norm")
+    norm = torch.sqrt(sliced + sq([g for g, split in grads if not split]))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+    for g, _ in grads:
+        g.mul_(coef.to(g.dtype))
+    return float(norm)
+
+
+@torch.no_grad()
 def broadcast_parameters(module: "torch.nn.Module", data_set) -> None:
     """Make every rank start alike: each slice from the first rank of its data-parallel set (the
     ranks holding that slice), each whole parameter from global rank 0.
@@ -460,7 +479,7 @@ def broadcast_parameters(module: "torch.nn.Module", data_set) -> None:
 
 
 __all__ = [
-    "ColumnParallelLinear", "ParallelContext", "RowParallelLinear", "full_state_dict", "load_full_state", "TensorParallelMLP", "broadcast_parameters", "copy_to_model_parallel",
+    "ColumnParallelLinear", "ParallelContext", "RowParallelLinear", "clip_grad_norm_", "full_state_dict", "load_full_state", "TensorParallelMLP", "broadcast_parameters", "copy_to_model_parallel",
     "full_optimizer_state", "gather_from_model_parallel", "is_tensor_parallel", "layer_comm_seconds", "make_process_sets",
     "reduce_from_model_parallel", "split_optimizer_state",
     "scatter_to_model_parallel",
