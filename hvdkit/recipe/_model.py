@@ -185,9 +185,10 @@ class Recipe(_Strict):
             (self.model.name in ("cnn", "resnet"),
              f"parallel.model={m}: the built-in model {self.model.name!r} cannot be split (only the MLP has "
              "tensor-parallel layers) — fix: use model.name: mlp, a Python recipe's own model, or parallel.model: 1"),
-            (self.precision != "fp32",
-             f"precision={self.precision} with parallel.model={m}: a split model trains in fp32 only for now — fix: "
-             "precision: fp32, or parallel.model: 1"),
+            # The loss scale's skip decision would have to be agreed over the model group too.
+            (self.precision == "fp16",
+             f"precision=fp16 with parallel.model={m}: a split model trains in fp32 or bf16 — fix: "
+             "precision: bf16, or parallel.model: 1"),
         ]
         for bad, message in refused:
             if bad:

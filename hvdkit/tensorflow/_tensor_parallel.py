@@ -62,6 +62,10 @@ def layer_comm_seconds() -> float:
 def _timed(fn, x):
     """``fn(x)`` with its wall time added to the clock: two ``tf.timestamp`` ops ordered around the
     collective by control dependencies, so it also measures inside compiled steps."""
+    if x.dtype == tf.bfloat16:
+        # Horovod 0.28 has no bfloat16 collectives (mixed_bfloat16 layers hand them bf16
+        # activations): sent as float32, handed back as bfloat16.
+        return tf.cast(_timed(fn, tf.cast(x, tf.float32)), tf.bfloat16)
     clock = _clock()
     with tf.control_dependencies([x]):
         t0 = tf.timestamp()

@@ -67,6 +67,10 @@ def layer_comm_bytes() -> int:
 
 
 def _timed(fn, *args, **kwargs):
+    if args[0].dtype == torch.bfloat16:
+        # Horovod 0.28 has no bfloat16 collectives (a bf16 autocast forward hands them bf16
+        # activations): sent as float32, handed back as bfloat16.
+        return _timed(fn, args[0].float(), *args[1:], **kwargs).to(torch.bfloat16)
     _comm_bytes[0] += args[0].numel() * args[0].element_size()
     t0 = time.perf_counter()
     try:
