@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import explain, hvdkit
+from conftest import explain, hvdkit, worker_env
 
 # Items carry their own index in x[0, 0]; the pipeline appends every index it serves to
 # $SEEN_DIR/<rank>-<pid>.txt (DataLoader workers and tf.data threads included).
@@ -114,9 +114,6 @@ def _run(tmp_path, framework, pipeline, n, uneven="drop", workers=0, epochs=1, e
     recipe = _write(tmp_path, framework=framework, pipeline=pipeline, n=n, uneven=uneven, workers=workers, epochs=epochs)
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir()
-    env = None
-    from conftest import worker_env
-
     env = worker_env(SEEN_DIR=str(seen_dir))
     res = hvdkit(["run", str(recipe), "-np", "2", "--framework", framework, "--no-track", "log.progress=false",
                   "--summary-json", str(tmp_path / "s.json"), *extra], cwd=tmp_path, env=env, timeout=300)

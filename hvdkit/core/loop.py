@@ -40,7 +40,9 @@ class Backend(Protocol):
     accelerator: str | None
 
     def batch(self, indices: np.ndarray) -> Any:
-        """This rank's batch for ``indices`` (into the training arrays), ready for ``train_step``."""
+        """This rank's batch for ``indices`` (into the training arrays), ready for ``train_step``.
+        Optional ``train_feed(recipe, data_rank, data_size)``: the backend's own :class:`Feed` for
+        streamed data (a shard folder, a framework's pipeline), None for the arrays."""
 
     def train_step(self, batch: Any, lr: float) -> tuple[float, float]:
         """One optimizer step with averaged gradients; returns (this rank's loss, seconds blocked on averaging)."""
