@@ -330,7 +330,9 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
         if not summary.replicas_equal:
             rank_zero(backend.rank, print, "hvdkit: warning: the model replicas differ after training: the ranks did "
                       "not apply the same updates", file=sys.stderr, flush=True)
-        tracker.log_metrics({"replicas_equal": float(summary.replicas_equal)}, summary.steps)
+        from hvdkit.tracking import keys
+
+        tracker.log_metrics({keys.REPLICAS_EQUAL: float(summary.replicas_equal)}, summary.steps)
         threads = {"train_start": threads_at_start, "train_end": _thread_cpu_s()} if threads_at_start else None
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
         log_job_artifacts(tracker, summary, loaded)

@@ -23,9 +23,10 @@ def digits_folder(tmp_path_factory):
 
 
 @pytest.mark.horovod
-@pytest.mark.parametrize("path", ["torch", "tensorflow", "keras_fit"])
+@pytest.mark.parametrize("path", ["torch", "keras_fit"])
 def test_data_parallel_formula_on_a_shard_folder(tmp_path, digits_folder, path):
-    """5 plain-SGD steps at np=2, batch 16 == np=1, batch 32: the shard-major order is the same at any np."""
+    """5 plain-SGD steps at np=2, batch 16 == np=1, batch 32: the shard-major order is the same at any np.
+    (The TensorFlow loop reads the same per-epoch tf.data pipeline as Keras fit: one of the two here.)"""
     framework = "torch" if path == "torch" else "tensorflow"
     common = ["recipes/digits.yaml", "--framework", framework, "--no-track", *PLAIN_SGD, "data.name=files",
               f"data.path={digits_folder}", f"keras_fit={'true' if path == 'keras_fit' else 'false'}"]
@@ -37,6 +38,8 @@ def test_data_parallel_formula_on_a_shard_folder(tmp_path, digits_folder, path):
     assert len(w1) == len(w2) > 0
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    if path != "torch":
+        return
     # and the folder is not read as the in-memory digits are: a different order, different weights
     r0 = hvdkit(["run", "recipes/digits.yaml", "-np", "1", "--framework", framework, "--no-track", *PLAIN_SGD,
                  "batch_size=32", f"checkpoint.dir={tmp_path / 'mem'}"])

@@ -192,7 +192,9 @@ def _check_exact(stored: dict, steps: int) -> dict[str, int]:
     the number of points per run."""
     expected = _gather_steps(steps)
     assert set(stored) == {"parent", "rank0", "rank1"}
-    assert set(stored["parent"]) == PARENT_KEYS, sorted(stored["parent"])
+    # replicas_equal: one point, when training ends (the replica check), not one per gather
+    assert set(stored["parent"]) == PARENT_KEYS | {keys.REPLICAS_EQUAL}, sorted(stored["parent"])
+    assert [v for _, _, v in stored["parent"].pop(keys.REPLICAS_EQUAL)] == [1.0]
     for ref in ("rank0", "rank1"):
         assert set(stored[ref]) == set(DENSE) | {keys.PEAK_RSS_MB, keys.PARAMETERS}, (ref, sorted(stored[ref]))
     for ref, by_key in stored.items():

@@ -70,6 +70,7 @@ PEAK_RSS_MB = "peak_rss_mb"
 PARAMETERS = "parameters"
 VAL_LOSS = "val_loss"
 VAL_ACCURACY = "val_accuracy"
+REPLICAS_EQUAL = "replicas_equal"  # one point, at the job's last step
 STRAGGLER_RATIO = "straggler_ratio"
 WORLD_SIZE = "world_size"
 SCALING_EFFICIENCY = "scaling_efficiency"
