@@ -137,3 +137,10 @@ def test_example_recipe_trains_from_files(tmp_path, framework):
         share.append(sum(data) / (sum(data) + sum(step)))
     print(f"{framework}: val_accuracy {summary['val_metrics']['val_accuracy']:.4f}, epochs {summary['epochs']}, "
           f"samples/s {summary['samples_per_sec']:.0f}, data_time_s share of the step per rank {share}")
+
+
+def test_files_without_a_path_is_one_line(tmp_path):
+    res = hvdkit(["run", str(REPO / "recipes/digits.yaml"), "-np", "2", "data.name=files"], cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, explain(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "data.path" in lines[0] and lines[0].count("fix:") == 1, res.stderr

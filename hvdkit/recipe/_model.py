@@ -45,13 +45,6 @@ class DataSpec(_Strict):
     uneven: Literal["drop", "pad"] = "drop"
     shuffle_buffer: PositiveInt = Field(10_000, description="tf.data pipelines: the shared-seed shuffle's buffer")
 
-    @model_validator(mode="after")
-    def _files_need_a_path(self) -> "DataSpec":
-        if self.name == "files" and not self.path:
-            raise ValueError("data.name files needs data.path, the shard folder — fix: set data.path: DIR "
-                             "(write one with `hvdkit data shard digits DIR`)")
-        return self
-
 
 class OptimizerSpec(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -166,6 +159,13 @@ class Recipe(_Strict):
             raise ValueError(
                 f"early_stopping.metric={self.early_stopping.metric} is never logged: eval.enabled is false — fix: "
                 "set eval.enabled: true, or unset early_stopping.metric")
+        return self
+
+    @model_validator(mode="after")
+    def _files_need_a_path(self) -> "Recipe":
+        if self.data.name == "files" and not self.data.path:
+            raise ValueError("data.name files needs data.path, the shard folder — fix: set data.path: DIR "
+                             "(write one with `hvdkit data shard digits DIR`)")
         return self
 
     @model_validator(mode="after")
