@@ -22,9 +22,9 @@ from hvdkit._rank import from_rank_zero, rank_zero
 from hvdkit.core.checkpoint import CheckpointPolicy
 from hvdkit.core.data import ArrayDataset, DataSplits
 from hvdkit.core.early_stopping import EarlyStopping
+from hvdkit.core.feed import Feed, IndexFeed
 from hvdkit.core.job import JobFolder
 from hvdkit.core.lr import LRSchedule
-from hvdkit.core.feed import Feed, IndexFeed
 from hvdkit.core.sharding import ShardedBatches
 from hvdkit.recipe import Recipe
 

@@ -29,17 +29,13 @@ import tensorflow as tf  # noqa: E402  (hvdkit.tensorflow._backend imported it w
 EVAL_BATCH = 1024
 
 
-def check(data: Any) -> None:
-    """A recipe's own pipeline must be TensorFlow's: one line and exit 2 otherwise, before training."""
-    if not isinstance(data, DataSplits) or data.kind in ("files", "tf.data", "keras"):
-        if isinstance(data, DataSplits) and data.kind == "tf.data" and not isinstance(data.train, tf.data.Dataset):
-            raise RecipeError(f"build_data returned {type(data.train).__name__}, not a tf.data.Dataset",
-                              fix="return DataSplits(train=<a tf.data.Dataset of (x, y)>, ...), e.g. via "
-                                  "tf.data.Dataset.from_tensor_slices or a PyDataset's items")
-        return
-    raise RecipeError(
-        f"build_data returned a {data.kind} pipeline ({type(data.train).__name__}) but this job runs on tensorflow",
-        fix="return tf.data.Dataset objects for --framework tensorflow, or run --framework torch")
+def check(data: DataSplits) -> None:
+    """What the duck-typed check in core (``hvdkit.core.data.check_data``, run first) cannot tell:
+    a TensorFlow-looking object that is not a tf.data.Dataset. One line, exit 2."""
+    if data.kind == "tf.data" and not isinstance(data.train, tf.data.Dataset):
+        raise RecipeError(f"build_data returned {type(data.train).__name__}, not a tf.data.Dataset",
+                          fix="return DataSplits(train=<a tf.data.Dataset of (x, y)>, ...), e.g. via "
+                              "tf.data.Dataset.from_tensor_slices or a PyDataset's items")
 
 
 def _cardinality(ds: "tf.data.Dataset", what: str) -> int:

@@ -39,24 +39,22 @@ def model_input_shape(data: DataSplits) -> tuple[int, ...]:
     return shape
 
 
-def check(data: Any) -> None:
-    """A recipe's own pipeline must be torch's: one line and exit 2 otherwise, before training."""
-    if not isinstance(data, DataSplits) or data.kind in ("files", "torch"):
-        if isinstance(data, DataSplits) and data.kind == "torch" and not isinstance(data.train, Dataset):
-            raise RecipeError(f"build_data returned {type(data.train).__name__}, not a torch.utils.data.Dataset",
-                              fix="return DataSplits(train=<a torch Dataset>, ...)")
-        if isinstance(data, DataSplits) and isinstance(data.train, IterableDataset):
-            try:
-                len(data.train)
-            except TypeError:
-                raise RecipeError(
-                    f"build_data returned an IterableDataset ({type(data.train).__name__}) without __len__: every rank "
-                    "must run the same number of steps", fix="give it __len__ (its samples per epoch), or return a "
-                    "map-style Dataset") from None
+def check(data: DataSplits) -> None:
+    """What the duck-typed check in core (``hvdkit.core.data.check_data``, run first) cannot tell:
+    a torch-looking object that is not a Dataset, a stream with no length. One line, exit 2."""
+    if data.kind != "torch":
         return
-    raise RecipeError(
-        f"build_data returned a {data.kind} pipeline ({type(data.train).__name__}) but this job runs on torch",
-        fix="return torch.utils.data.Dataset objects for --framework torch, or run --framework tensorflow")
+    if not isinstance(data.train, Dataset):
+        raise RecipeError(f"build_data returned {type(data.train).__name__}, not a torch.utils.data.Dataset",
+                          fix="return DataSplits(train=<a torch Dataset>, ...)")
+    if isinstance(data.train, IterableDataset):
+        try:
+            len(data.train)
+        except TypeError:
+            raise RecipeError(
+                f"build_data returned an IterableDataset ({type(data.train).__name__}) without __len__: every rank "
+                "must run the same number of steps", fix="give it __len__ (its samples per epoch), or return a "
+                "map-style Dataset") from None
 
 
 class _RankStream(IterableDataset):
