@@ -110,6 +110,14 @@ class LogSpec(_Strict):
     # A child run per rank (true), none (false), or one for every k-th rank (k): at hundreds of
     # ranks a tracking server takes one request per child run per interval (docs/benchmarks.md).
     per_rank_runs: bool | PositiveInt = True
+    # System metrics of each host (CPU, memory, network, disk; GPU with nvidia-ml-py): one sampler
+    # thread per host, in its local rank 0, every this many seconds; 0 turns them off.
+    system_metrics_interval_s: float = Field(10.0, ge=0, description="seconds between system-metric samples per host; 0: off")
+    # The trained model, logged by rank 0 with MLflow's flavour for the framework (signature and
+    # input example) on the job's run; false: not logged (the checkpoints still hold it).
+    model: bool = True
+    # Registers the logged model under this name in MLflow's model registry (a new version).
+    register_model: str | None = Field(None, min_length=1, description="model registry name; None: not registered")
 
 
 class ParallelSpec(_Strict):
