@@ -1,4 +1,4 @@
-"""``python -m bench {all,tracking,scaling,ddp,writer,launch,parallelism,outage,slurm} [--quick] [--reps N] [--full]``."""
+"""``python -m bench {all,tracking,scaling,ddp,writer,launch,parallelism,system_metrics,outage,slurm} [--quick] [--reps N] [--full]``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 from bench import _common as C
 
-BENCHES = ("tracking", "scaling", "ddp", "writer", "launch", "parallelism")
+BENCHES = ("tracking", "scaling", "ddp", "writer", "launch", "parallelism", "system_metrics")
 # Not in "all": the outage bench takes ~15 min of its own (each job outlasts a 60 s outage)
 # and needs root for PostgreSQL.
 EXTRA = ("outage", "slurm")  # slurm: root and the two-node cluster of .ci/slurm

@@ -364,6 +364,56 @@ def scale(recipe, np_list, framework, log_every, experiment, tracking_uri, basel
         sys.exit(130 if res.status == "KILLED" else 1)
 
 
+@main.command()
+@click.argument("sweep_run_id")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="also keep the report's files here (report.html, PNGs, CSVs)")
+@click.option("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+def report(sweep_run_id, out_dir, tracking_uri) -> None:
+    """Rebuild a sweep's scalability report from its stored runs and attach it to the sweep run (report/)."""
+    from mlflow import MlflowClient
+
+    from hvdkit.report import build
+    from hvdkit.tracking._uri import absolute_uri, resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=absolute_uri(resolve_tracking_uri(tracking_uri)))
+    rep = build(client, sweep_run_id, out_dir, echo=lambda m: click.echo(m))
+    click.echo(f"hvdkit: report of sweep {sweep_run_id}: {len(rep.jobs)} job(s), N = "
+               f"{', '.join(str(j.np) for j in rep.jobs)}; logged under report/ on the sweep run")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--network", "networks", default="10gbit,25gbit,100gbit,local", show_default=True,
+              help="comma list of 1gbit, 10gbit, 25gbit, 40gbit, 100gbit, 200gbit, 400gbit, local (the probe's bandwidth)")
+@click.option("--np", "-np", "np_list", default="1,2,4,8,16,32,64,128,256,512", show_default=True,
+              help="rank counts to predict")
+@click.option("--ranks-per-host", type=int, default=1, show_default=True,
+              help="ranks on each host of a named network (they share its cores)")
+@click.option("--cores", type=int, default=None, help="cores per host [default: this host's]")
+@click.option("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+def plan(run_id, networks, np_list, ranks_per_host, cores, tracking_uri) -> None:
+    """Predict step time and E(N) of a tracked job at other sizes and networks (ring-allreduce model,
+    fed by the job's own metrics and an allreduce probe of its controller); logged under plan/."""
+    from mlflow import MlflowClient
+
+    from hvdkit import plan as P
+    from hvdkit.scale import parse_np_list
+    from hvdkit.tracking._uri import absolute_uri, resolve_tracking_uri
+
+    nets = P.parse_networks(networks)
+    nps = parse_np_list(np_list)
+    if cores is not None and cores < 1:
+        from hvdkit.errors import UsageError
+
+        raise UsageError(f"--cores {cores} < 1", fix="pass 1 or more")
+    client = MlflowClient(tracking_uri=absolute_uri(resolve_tracking_uri(tracking_uri)))
+    profile, _probe, preds, notes = P.make_plan(client, run_id, nets, nps, cores=cores, ranks_per_host=ranks_per_host,
+                                                echo=lambda m: click.echo(m))
+    P.print_table(preds, f"hvdkit plan · run {profile.run_id}", notes)
+    click.echo(f"hvdkit: plan logged under plan/ on run {profile.run_id}")
+
+
 _BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch", "parallelism", "outage")
 
 

@@ -4,6 +4,7 @@ Each job is launched by :func:`hvdkit.launch.job.launch_job`, like ``hvdkit run`
 :func:`run_sweep` runs the same recipe at each N of a list, nests every job under one *sweep*
   run (``hvdkit.role=sweep``), reads each job's measured throughput T(N) back from the store and
   logs ``scaling_efficiency`` E(N) = T(N) / (N * T(1)) on the sweep run (step = N) and on each job.
+The scalability report (:mod:`hvdkit.report`) is attached to the sweep run under ``report/``.
 
 Framework-free, like the tracking layer: the jobs import the frameworks, this process never does.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -124,7 +124,6 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
         host_type,
         run_throughput,
         scaling_efficiency,
-        write_sweep_artifacts,
     )
 
     nps = sorted(set(nps))
@@ -265,13 +264,13 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
         result.status, result.message = "KILLED", "interrupted"
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        measured = [r for r in result.rows if r.samples_per_sec is not None]
         try:
-            if measured:
-                with tempfile.TemporaryDirectory(prefix="hvdkit-sweep-") as tmp:
-                    png, csv_path = write_sweep_artifacts([r.as_dict() for r in measured], tmp)
-                    client.log_artifact(sweep_id, str(png))
-                    client.log_artifact(sweep_id, str(csv_path))
+            if any(r.samples_per_sec is not None for r in result.rows):
+                # The report reads the jobs back from the store, as `hvdkit report` does later: one
+                # code path, so a rebuilt report equals the one the sweep attached.
+                from hvdkit.report import build as build_report
+
+                build_report(client, sweep_id)
         finally:
             client.set_terminated(sweep_id, result.status)
     return result

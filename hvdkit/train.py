@@ -86,6 +86,7 @@ def _tracking_config(recipe, no_track, log_every, experiment, parent_run_id, job
         run_name=f"{recipe.name}-{recipe.framework}",
         log_every=log_every or recipe.log.every_steps,
         per_rank_runs=recipe.log.per_rank_runs,
+        system_metrics_interval_s=recipe.log.system_metrics_interval_s,  # one sampler per host, 0: off
         parent_run_id=parent_run_id,
         job_id=job.job_id if job else None,
         resume_runs=dict(job.manifest.get("runs") or {}) if job and job.resumed else {},
@@ -232,6 +233,15 @@ def log_job_artifacts(tracker, summary, loaded) -> None:
         tracker.log_artifact(str(loaded.source), "recipe")
 
 
+def log_job_model(tracker, backend, loaded, data, summary) -> None:
+    """Rank 0, a FINISHED job: the datasets (with the per-rank shard layout) and, unless
+    ``log.model: false``, the trained model with MLflow's flavour on the parent run. Bounded; a
+    failure is one warning (hvdkit.tracking._logged_model)."""
+    from hvdkit.tracking._logged_model import log_model_and_data
+
+    log_model_and_data(tracker, backend, loaded.recipe, data, str(loaded.source), step=summary.steps)
+
+
 def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish=None) -> None:
     """End the runs with ``status`` and record it in the job's manifest (``job``: rank 0's
     JobFolder, None on the other ranks), then restore the signal handlers ``previous``.
@@ -334,8 +344,18 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
 
         tracker.log_metrics({keys.REPLICAS_EQUAL: float(summary.replicas_equal)}, summary.steps)
         threads = {"train_start": threads_at_start, "train_end": _thread_cpu_s()} if threads_at_start else None
+        # The last partial interval now (a collective; finish() would gather it anyway): the summary's
+        # training-steps figure is then the parent run's samples_per_sec as MLflow holds it.
+        tracker.flush_interval()
+        steps_rate = tracker.throughput()
+        if steps_rate is not None:
+            summary.samples_per_sec_steps = steps_rate
+        tracker.log_metrics({keys.SAMPLES_PER_SEC_END_TO_END: summary.samples_per_sec}, summary.steps)
         rank_zero(backend.rank, print_summary, summary, recipe, backend.size)
         log_job_artifacts(tracker, summary, loaded)
+        marks["log_model_start"] = time.time()
+        rank_zero(backend.rank, log_job_model, tracker, backend, loaded, data, summary)
+        marks["log_model_end"] = time.time()
         status = "FINISHED"
         return 0
     except _Killed:
@@ -350,6 +370,10 @@ def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=N
 
 
 def _progress_bar(total: int, initial: int):
+    from hvdkit.launch import _console
+
+    if os.environ.get(_console.PROGRESS_ENV):  # hvdkit's launcher draws the bar from these lines
+        return _console.ProgressLines(total, initial)
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)

@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def pytest_addoption(parser) -> None:
+    # docs/tutorial.md's screenshots are the browser test's own: `--tutorial-shots docs/img` refreshes them
+    parser.addoption("--tutorial-shots", metavar="DIR", default=None,
+                     help="also save tests/test_ui_browser.py's screenshots to DIR (e.g. docs/img)")
+
+
 def pytest_report_header(config) -> str:
     # which end of pyproject's MLflow range this run tests (make test: the newest, then the oldest)
     from importlib.metadata import version

@@ -192,9 +192,11 @@ def _check_exact(stored: dict, steps: int) -> dict[str, int]:
     the number of points per run."""
     expected = _gather_steps(steps)
     assert set(stored) == {"parent", "rank0", "rank1"}
-    # replicas_equal: one point, when training ends (the replica check), not one per gather
-    assert set(stored["parent"]) == PARENT_KEYS | {keys.REPLICAS_EQUAL}, sorted(stored["parent"])
+    # replicas_equal and samples_per_sec_end_to_end: one point each, when training ends, not one per gather
+    assert set(stored["parent"]) == PARENT_KEYS | {keys.REPLICAS_EQUAL, keys.SAMPLES_PER_SEC_END_TO_END}, sorted(stored["parent"])
     assert [v for _, _, v in stored["parent"].pop(keys.REPLICAS_EQUAL)] == [1.0]
+    (end_to_end,) = stored["parent"].pop(keys.SAMPLES_PER_SEC_END_TO_END)
+    assert end_to_end[0] == steps and end_to_end[2] > 0, end_to_end
     for ref in ("rank0", "rank1"):
         assert set(stored[ref]) == set(DENSE) | {keys.PEAK_RSS_MB, keys.PARAMETERS}, (ref, sorted(stored[ref]))
     for ref, by_key in stored.items():

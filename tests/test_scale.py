@@ -76,15 +76,15 @@ def test_sweep_np_1_2_logs_efficiency_from_stored_throughputs(tmp_path):
     assert jobs[1].data.metrics[keys.SCALING_EFFICIENCY] == 1.0
     assert sweep.data.tags[keys.TAG_BASELINE_RUN_ID] == jobs[1].info.run_id
 
-    # plot + CSV on the sweep run
-    assert sorted(a.path for a in client.list_artifacts(sweep_id)) == ["scaling.csv", "scaling.png"]
-    local = client.download_artifacts(sweep_id, "scaling.csv", str(tmp_path / "dl"))
+    # plot + CSV on the sweep run, in its report (tests/test_report.py checks the rest of it)
+    assert [a.path for a in client.list_artifacts(sweep_id)] == ["report"]
+    local = client.download_artifacts(sweep_id, "report/scaling.csv", str(tmp_path / "dl"))
     with open(local, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["np"]) for r in rows] == [1, 2]
     assert math.isclose(float(rows[1]["efficiency"]), eff[2], rel_tol=1e-9)
     assert rows[1]["run_id"] == jobs[2].info.run_id
-    png = client.download_artifacts(sweep_id, "scaling.png", str(tmp_path / "dl"))
+    png = client.download_artifacts(sweep_id, "report/scaling.png", str(tmp_path / "dl"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     # the printed table

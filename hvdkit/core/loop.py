@@ -78,7 +78,13 @@ class Summary:
     steps: int = 0
     loss: float = math.nan
     val_metrics: dict[str, float] = field(default_factory=dict)
-    samples_per_sec: float = math.nan  # measured sum over ranks
+    # Two throughputs, both summed over the ranks' own rates (never rank 0's x N). End to end:
+    # samples / wall seconds of training, evaluation and checkpoints included (MLflow:
+    # samples_per_sec_end_to_end). Training steps: samples / (step + data time), which is what the
+    # parent run's samples_per_sec holds; train.py replaces the loop's whole-job figure with the
+    # tracker's (the mean of the logged intervals, as efficiency.history_throughput takes it).
+    samples_per_sec: float = math.nan
+    samples_per_sec_steps: float = math.nan
     seconds: float = 0.0
     resumed_from: str | None = None
     checkpoint: str | None = None
@@ -144,7 +150,7 @@ def run_training(
     layer_kw = _accepts(tracker.record_step, "layer_comm_s")
     layer_t = getattr(backend, "layer_comm_s", 0.0)
     bar = progress(total_steps, step) if progress else None
-    t_train, samples_done, loss = time.perf_counter(), 0, math.nan
+    t_train, samples_done, loss, busy = time.perf_counter(), 0, math.nan, 0.0
     for epoch in range(start_epoch, epochs):
         it = batches.epoch(epoch)
         while step < total_steps:
@@ -157,6 +163,7 @@ def run_training(
             t2 = time.perf_counter()
             step += 1
             samples_done += n
+            busy += t2 - t0
             more = {}
             if layer_kw:
                 now = getattr(backend, "layer_comm_s", 0.0)
@@ -190,7 +197,7 @@ def run_training(
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_train
-    reduce_summary(backend, summary, samples_done, elapsed, loss)
+    reduce_summary(backend, summary, samples_done, elapsed, loss, busy_s=busy)
     summary.steps, summary.seconds = step, elapsed
     return summary
 
@@ -246,19 +253,25 @@ def replicas_agree(backend: Backend) -> bool:
     return all(np.array_equal(table[g[0]], table[r]) for g in groups for r in g)
 
 
-def reduce_summary(backend: Backend, summary: Summary, samples: int, elapsed: float, loss: float) -> Summary:
+def reduce_summary(backend: Backend, summary: Summary, samples: int, elapsed: float, loss: float,
+                   busy_s: float | None = None) -> Summary:
     """The closing numbers, computed the same way by every training path (the loop, the elastic
     loop, Keras ``fit``); a collective. Throughput is measured: each rank's own rate, summed (not
     rank 0's rate × N). The loss is the ranks' mean of their last one; NaN when this rank trained
-    nothing (resumed at the end) or its loss is not finite."""
+    nothing (resumed at the end) or its loss is not finite. ``busy_s``: this rank's step + data
+    time, for the training-steps throughput (NaN when a path does not measure it)."""
     rate = samples / elapsed if elapsed > 0 else 0.0
+    steps_rate = samples / busy_s if busy_s else 0.0
     layout = getattr(backend, "layout", None)
     if layout is not None and layout.model > 1:
-        rate /= layout.model  # a model group's members train on the same samples: count them once
+        # a model group's members train on the same samples: count them once
+        rate /= layout.model
+        steps_rate /= layout.model
     finite = bool(samples) and math.isfinite(loss)
-    totals = backend.allreduce_sum(np.array([rate, loss if finite else 0.0], dtype=np.float64))
+    totals = backend.allreduce_sum(np.array([rate, loss if finite else 0.0, steps_rate], dtype=np.float64))
     summary.samples_per_sec = float(totals[0])
     summary.loss = float(totals[1] / backend.size) if finite else math.nan
+    summary.samples_per_sec_steps = float(totals[2]) if busy_s is not None else math.nan
     return summary
 
 
@@ -267,12 +280,17 @@ def print_summary(summary: Summary, recipe: Recipe, size: int, file=None) -> Non
     from rich.console import Console
     from rich.table import Table
 
+    from hvdkit.tracking import keys
+
     table = Table(title=f"hvdkit · {recipe.name} · {recipe.framework} · np={size}")
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)  # paths must stay copy-pasteable
     rows = [("epochs", str(summary.epochs)), ("steps", str(summary.steps)), ("train loss", f"{summary.loss:.4f}")]
     rows += [(k, f"{v:.4f}") for k, v in summary.val_metrics.items()]
-    rows += [("samples/s (all ranks)", f"{summary.samples_per_sec:,.1f}"), ("time (s)", f"{summary.seconds:.1f}")]
+    # Named as in MLflow, so the console and the parent run can be compared number for number.
+    rows += [(f"samples/s, training steps ({keys.SAMPLES_PER_SEC})", _rate(summary.samples_per_sec_steps)),
+             (f"samples/s, end to end ({keys.SAMPLES_PER_SEC_END_TO_END})", _rate(summary.samples_per_sec)),
+             ("time (s)", f"{summary.seconds:.1f}")]
     if summary.stopped_early:
         rows.append(("stopped early", f"after epoch {summary.epochs}"))
     if summary.resumed_from:
@@ -282,3 +300,7 @@ def print_summary(summary: Summary, recipe: Recipe, size: int, file=None) -> Non
     for r in rows:
         table.add_row(*r)
     Console(file=file or sys.stdout, width=240).print(table)
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.1f}" if math.isfinite(value) else "-"

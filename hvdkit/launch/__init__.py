@@ -362,8 +362,20 @@ def run_forwarding(cmd: Sequence[str], env: dict[str, str], *, grace_s: float = 
     (a Ctrl-C'd job "succeeded"). So the first signal SIGTERMs the local workers, rank 0 first
     (each ends its runs KILLED, rank 0 flushes), and horovodrun gets the signal once they are
     gone or after ``grace_s``; a second signal forwards at once.
+
+    The output goes through the console relay (``_console.Relay``): rank 0's lines, the other ranks'
+    warnings and errors, rank 0's progress as one bar, and every raw line to a log file whose path
+    is printed at the end. The relay reads on its own thread, so signals are handled here as before.
     """
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    from hvdkit.launch import _console
+    from hvdkit.tracking import keys
+
+    # The ranks' output reaches the terminal through the console relay (launch/_console.py), and
+    # rank 0 draws no tqdm bar of its own but tells the relay its progress.
+    env = {**env, _console.PROGRESS_ENV: "1"}
+    log = _console.RawLog(_console.new_log_path(env.get(keys.ENV_JOB_ID)))
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relay = _console.Relay(proc.stdout.fileno(), proc.stderr.fileno(), log).start()
     received: list[int] = []
 
     def on_signal(signum, _frame):
@@ -389,6 +401,11 @@ def run_forwarding(cmd: Sequence[str], env: dict[str, str], *, grace_s: float = 
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        relay.finish()  # within DRAIN_S: the relay ends with the job
+        proc.stdout.close()
+        proc.stderr.close()
+        dropped = f" ({log.dropped:,} bytes over its limit not kept)" if log.dropped else ""
+        print(f"hvdkit: every rank's full output: {log.path}{dropped}", file=sys.stderr, flush=True)
     return rc, (received[0] if received else None)
 
 

@@ -195,6 +195,13 @@ class TensorFlowBackend:
         flat = np.concatenate([np.asarray(v.numpy(), np.float64).reshape(-1) for v in self.model.trainable_variables])
         return np.array([flat.sum(), (flat * flat).sum()])
 
+    def log_model(self, run_id: str, **kwargs: Any) -> Any:
+        """Rank 0, a FINISHED job: the trained model on the parent run ``run_id`` with MLflow's
+        flavour (hvdkit.tracking._logged_model calls it, duck-typed, with the store set)."""
+        from hvdkit.tensorflow._log_model import log_model
+
+        return log_model(self, run_id, **kwargs)
+
     # -- the loop's contract -------------------------------------------------------------
     def train_feed(self, recipe: Recipe, data_rank: int, data_size: int):
         """Streamed data's batches (one tf.data pipeline per epoch); None: the loop cuts the arrays by ``batch``."""

@@ -156,6 +156,13 @@ class TorchBackend:
             flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
         return np.array([flat.sum().item(), (flat * flat).sum().item()])
 
+    def log_model(self, run_id: str, **kwargs: Any) -> Any:
+        """Rank 0, a FINISHED job: the trained model on the parent run ``run_id`` with MLflow's
+        flavour (hvdkit.tracking._logged_model calls it, duck-typed, with the store set)."""
+        from hvdkit.torch._log_model import log_model
+
+        return log_model(self, run_id, **kwargs)
+
     # -- the loop's contract -------------------------------------------------------------
     def train_feed(self, recipe: Recipe, data_rank: int, data_size: int):
         """Streamed data's batches (read ahead); None: the loop cuts the in-memory arrays by ``batch``."""

@@ -58,6 +58,10 @@ class TrackingConfig:
     # Ranks per model copy (recipe parallel.model): the parent records parallel.model/.data, each
     # child run its model- and data-parallel rank, and layer_comm_s is logged when it is > 1.
     parallel_model: int = 1
+    # Seconds between system-metric samples (CPU, memory, network, disk, GPU) of each host, taken
+    # by one rank per host and logged on its child run (tracking/_system.py); 0: off. hvdkit run
+    # passes the recipe's log.system_metrics_interval_s; off for direct users (hvdkit.autolog).
+    system_metrics_interval_s: float = 0.0
 
 
 def sampling(per_rank_runs: bool | int) -> int:
@@ -78,6 +82,10 @@ def validate(config: TrackingConfig, world: World) -> None:
     if not isinstance(config.log_every, int) or config.log_every < 1:
         raise UsageError(f"tracking log_every={config.log_every!r} must be an int >= 1", fix="e.g. log_every: 10")
     sampling(config.per_rank_runs)
+    interval = config.system_metrics_interval_s
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < float("inf"):
+        raise UsageError(f"tracking system_metrics_interval_s={interval!r} must be a number of seconds >= 0",
+                         fix="e.g. log.system_metrics_interval_s=10 (0: off)")
     unknown = set(config.skip_keys) - keys.RANK_KEY_NAMES
     if unknown:
         raise UsageError(f"tracking skip_keys {sorted(unknown)} are not per-rank keys", fix=f"pick from {list(keys.RANK_VECTOR)}")

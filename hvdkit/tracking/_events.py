@@ -26,13 +26,21 @@ class ChildRows:
 
     def events(self) -> list[dict]:
         names, ts, step, skip, sparse = keys.RANK_VECTOR, self.ts, self.step, self.skip, keys.SPARSE_RANK_KEYS
-        # A sparse key's NaN means "unchanged since its last point" (JobTracker._thin_sparse); any
-        # other key's NaN is a measurement (a diverged loss) and is kept.
-        return [
-            {"op": "log_batch", "ref": ref, "metrics": [[k, v, ts, step] for k, v in zip(names, row)
-                                                        if k not in skip and not (k in sparse and v != v)]}
-            for ref, row in zip(self.refs, self.rows.tolist())
-        ]
+        # A sparse key's NaN means "no point this gather" (unchanged since its last point, see
+        # JobTracker._thin_sparse, or no system sample: a rank that samples no host); any other
+        # key's NaN is a measurement (a diverged loss) and is kept. Most rows have no sparse value
+        # at all (the system columns are NaN but on one rank per host), so they are found with one
+        # numpy pass rather than a Python test per key and row.
+        dense = [i for i, k in enumerate(names) if k not in skip and k not in sparse]
+        scols = np.array([i for i, k in enumerate(names) if k not in skip and k in sparse], dtype=np.intp)
+        present = ~np.isnan(self.rows[:, scols])
+        out = []
+        for ref, row, has, mask in zip(self.refs, self.rows.tolist(), present.any(axis=1).tolist(), present):
+            metrics = [[names[i], row[i], ts, step] for i in dense]
+            if has:
+                metrics.extend([names[i], row[i], ts, step] for i in scols[mask].tolist())
+            out.append({"op": "log_batch", "ref": ref, "metrics": metrics})
+        return out
 
 
 class Batch:

@@ -40,9 +40,11 @@ from hvdkit.tracking._writer import CloseReport, SpoolWriter
 log = logging.getLogger("hvdkit.tracking")
 
 _NCOLS = len(keys.RANK_VECTOR)
-_SPS, _STEP, _DATA, _COMM, _LOSS, _RSS, _LAYER, _PEAK, _PARAMS = range(_NCOLS)
-_SPARSE_COLS = [keys.RANK_VECTOR.index(k) for k in sorted(keys.SPARSE_RANK_KEYS)]
-assert min(_SPARSE_COLS) == _PEAK and max(_SPARSE_COLS) == _NCOLS - 1  # sparse keys last: table[:, :_PEAK] is dense
+_SPS, _STEP, _DATA, _COMM, _LOSS, _RSS, _LAYER, _PEAK, _PARAMS, _SYS = range(10)
+# Sparse keys last (table[:, :_PEAK] is dense): the two thinned ones (a point when they move), then
+# the system metrics (a point when the host's sampler has a new sample, NaN elsewhere).
+_THIN_COLS = [_PEAK, _PARAMS]
+assert set(keys.RANK_VECTOR[_PEAK:]) == keys.SPARSE_RANK_KEYS and keys.RANK_VECTOR[_SYS:] == keys.SYSTEM_VECTOR
 
 
 def _peak_rss_mb() -> float:
@@ -90,6 +92,8 @@ class JobTracker:
         self._children = list(range(0, world.size, self._sampling)) if self._sampling else []
         self._child_refs: list[str] | None = None  # elastic jobs: the ref of each of _children (membership_changed)
         self._emit = rank_zero_only(world.rank)(self._emit_gather)
+        self._sampler: Any = None  # _system.HostSampler, on the one rank per host that samples it
+        self._sys_tagged: set[str] = set()  # rank 0: child refs already tagged with their sampled host
         self._started = False
         self._finished = False
         self._proc: Any = None
@@ -137,6 +141,7 @@ class JobTracker:
             self._writer.close(0)
             raise TrackingError(error)
         self._started = True
+        self._update_sampler()
 
     def _client(self):
         return _runs.client(self.config)
@@ -229,6 +234,7 @@ class JobTracker:
                 pass
         self._inflight = None
         self._finished = True
+        self._stop_sampler()
         if self.world.rank != 0:
             return
         self._flush_pending()
@@ -321,6 +327,8 @@ class JobTracker:
         vec[_LAYER] = self._layer_t / n
         vec[_PEAK] = _peak_rss_mb()
         vec[_PARAMS] = self._parameters
+        sample = self._sampler.latest() if self._sampler is not None else None
+        vec[_SYS:] = math.nan if sample is None else sample
         self._reset()
         if self._gather_async is not None and not final:
             # The previous interval's gather finished long ago (an interval of training ran
@@ -353,7 +361,9 @@ class JobTracker:
             # One queue item for all children, expanded into per-run events on the spool thread:
             # with 512 ranks, building 512 events here would cost rank 0 (and, through the next
             # collective, every rank) milliseconds per interval.
-            submit(ChildRows(self._thin_sparse(table[self._children]), self._children, ts, step, self._skip, self._child_refs))
+            rows = self._thin_sparse(table[self._children])
+            self._tag_sampled_hosts(rows)
+            submit(ChildRows(rows, self._children, ts, step, self._skip, self._child_refs))
         step_times = table[:, _STEP]
         metrics = [[keys.WORLD_SIZE, float(self.world.size), ts, step]]
         if keys.SAMPLES_PER_SEC not in self._skip:
@@ -376,15 +386,60 @@ class JobTracker:
         last point: peak RSS by less than 1 MiB, the parameter count at all."""
         refs = self._child_refs or [f"rank{r}" for r in self._children]
         for i, ref in enumerate(refs):
-            now = rows[i, _SPARSE_COLS]
+            now = rows[i, _THIN_COLS]
             last = self._sparse_sent.get(ref)
             if last is None:
                 self._sparse_sent[ref] = now.copy()
                 continue
             same = ~(np.abs(now - last) >= 1.0)  # NaN on either side counts as unchanged
-            rows[i, _SPARSE_COLS] = np.where(same, np.nan, now)
+            rows[i, _THIN_COLS] = np.where(same, np.nan, now)
             last[~same] = now[~same]
         return rows
+
+    def _tag_sampled_hosts(self, rows: np.ndarray) -> None:
+        """Rank 0: the first time a child run receives system metrics, tag it with the host they
+        describe (one point of a rank-<r> run's system/ keys is the whole host, not the rank)."""
+        hosts = self.world.hostnames
+        if not hosts:
+            return
+        sampled = np.flatnonzero(~np.isnan(rows[:, _SYS:]).all(axis=1))
+        refs = self._child_refs or [f"rank{r}" for r in self._children]
+        for i in sampled.tolist():
+            ref, rank = refs[i], self._children[i]
+            if ref not in self._sys_tagged and rank < len(hosts):
+                self._sys_tagged.add(ref)
+                self._pending.append({"op": "log_batch", "ref": ref, "metrics": [],
+                                      "tags": {keys.TAG_SYSTEM_METRICS_HOST: hosts[rank]}})
+
+    # -- system metrics -------------------------------------------------------------------
+    def _samples_host(self) -> bool:
+        """Whether this rank is its host's sampler (see _system.sampler_ranks); every rank decides
+        for itself from the world it was handed, no collective."""
+        if not self.config.system_metrics_interval_s > 0 or self.world.rank not in self._children:
+            return False
+        if self.world.hostnames:
+            from hvdkit.tracking._system import sampler_ranks
+
+            return self.world.rank in sampler_ranks(self.world.hostnames, self._children)
+        return self.world.local_rank == 0  # hostnames not exchanged: the launcher's local rank
+
+    def _update_sampler(self) -> None:
+        """Start or stop this rank's sampler for the current world (start, membership changes)."""
+        want = self._started and not self._finished and self._samples_host()
+        if want and self._sampler is None:
+            from hvdkit.tracking._system import HostSampler
+
+            try:
+                self._sampler = HostSampler(self.config.system_metrics_interval_s)
+            except Exception as exc:  # noqa: BLE001 - no system metrics is no reason to fail training
+                log.warning("hvdkit: warning: system metrics not sampled (%s)", exc)
+        elif not want:
+            self._stop_sampler()
+
+    def _stop_sampler(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
 
     def _flush_pending(self) -> None:
         """Hand the buffered gathers to the writer (one queue item). Called before any other
@@ -457,6 +512,7 @@ class JobTracker:
             self._child_refs = [child_refs[r] for r in self._children]
         self._last_step = step
         self._emit = rank_zero_only(world.rank)(self._emit_gather)
+        self._update_sampler()
 
     def flush_interval(self) -> None:
         """Gather the interval so far now (a collective, every rank at the same step): before a

@@ -69,6 +69,11 @@ def history_throughput(values: Iterable[float]) -> float | None:
     return math.fsum(h) / len(h)
 
 
+# The same warm mean for any per-interval metric (step, data, communication times, straggler ratio):
+# the first interval holds start-up work (allocations, the first collectives' connection set-up).
+history_mean = history_throughput
+
+
 def run_throughput(client: MlflowClient, run_id: str) -> float | None:
     """T of a parent run, from its ``samples_per_sec`` history."""
     hist = sorted(client.get_metric_history(run_id, keys.SAMPLES_PER_SEC), key=lambda m: (m.step, m.timestamp))
@@ -157,10 +162,6 @@ def write_sweep_artifacts(rows: Iterable[Mapping[str, Any]], out_dir: str | os.P
     """``scaling.png`` (throughput and efficiency vs N, with the ideal line) and ``scaling.csv``
     (np, samples_per_sec, efficiency, run_id) in ``out_dir``. ``rows`` need ``np`` and
     ``samples_per_sec``; ``efficiency`` and ``run_id`` may be missing/None."""
-    # A bare Figure renders with Agg and never touches pyplot's global backend: no display is
-    # needed on a cluster node, and a caller's interactive backend is left alone.
-    from matplotlib.figure import Figure
-
     table = sorted(
         (
             {
@@ -184,6 +185,18 @@ def write_sweep_artifacts(rows: Iterable[Mapping[str, Any]], out_dir: str | os.P
         for r in table:
             w.writerow({**r, "efficiency": "" if r["efficiency"] is None else r["efficiency"]})
 
+    scaling_figure(table).savefig(png_path, dpi=100)
+    return png_path, csv_path
+
+
+def scaling_figure(table: Iterable[Mapping[str, Any]]):
+    """Throughput against N with the ideal N x T_1 line, and E(N) against 1 (a matplotlib Figure,
+    Agg). ``table`` rows: ``np``, ``samples_per_sec``, ``efficiency`` (None: not plotted)."""
+    # A bare Figure renders with Agg and never touches pyplot's global backend: no display is
+    # needed on a cluster node, and a caller's interactive backend is left alone.
+    from matplotlib.figure import Figure
+
+    table = sorted(table, key=lambda r: r["np"])
     ns = [r["np"] for r in table]
     tput = [r["samples_per_sec"] for r in table]
     base = next((r for r in table if r["np"] == 1), None)
@@ -208,5 +221,4 @@ def write_sweep_artifacts(rows: Iterable[Mapping[str, Any]], out_dir: str | os.P
     for ax in (ax1, ax2):
         ax.set_xticks(ns)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    return png_path, csv_path
+    return fig

@@ -20,6 +20,33 @@ class MetricKey:
     scope: Scope
 
 
+SYSTEM_PREFIX = "system/"  # MLflow's prefix for system metrics
+# GPUs per host with columns in the gather (each costs 3 floats per rank per gather, NaN where
+# absent); a host with more logs its first MAX_GPUS and says so once.
+MAX_GPUS = 8
+_HOST_SYSTEM = (
+    ("cpu_utilization_percentage", "%", "host CPU utilisation since the previous sample (all cores)"),
+    ("system_memory_usage_megabytes", "MB", "host memory in use"),
+    ("system_memory_usage_percentage", "%", "host memory in use, of the total"),
+    ("network_receive_megabytes", "MB", "bytes the host received since the sampler started"),
+    ("network_transmit_megabytes", "MB", "bytes the host sent since the sampler started"),
+    ("disk_usage_percentage", "%", "root file system in use"),
+    ("disk_usage_megabytes", "MB", "root file system in use"),
+    ("disk_available_megabytes", "MB", "root file system free"),
+)
+_GPU_SYSTEM = (
+    ("utilization_percentage", "%", "utilisation of GPU {i} (NVML)"),
+    ("memory_usage_megabytes", "MB", "memory in use on GPU {i} (NVML)"),
+    ("memory_usage_percentage", "%", "memory in use on GPU {i}, of its total (NVML)"),
+)
+SYSTEM_KEYS_TABLE: tuple[MetricKey, ...] = (
+    *(MetricKey(SYSTEM_PREFIX + n, u, m, "rank") for n, u, m in _HOST_SYSTEM),
+    *(MetricKey(f"{SYSTEM_PREFIX}gpu_{i}_{n}", u, m.format(i=i), "rank") for i in range(MAX_GPUS) for n, u, m in _GPU_SYSTEM),
+)
+SYSTEM_VECTOR: tuple[str, ...] = tuple(k.name for k in SYSTEM_KEYS_TABLE)
+"""Column order of a HostSampler sample; appended, in this order, to RANK_VECTOR."""
+SYSTEM_RANK_KEYS = frozenset(SYSTEM_VECTOR)
+
 # Per-rank keys, logged on each child run ``rank-<r>``. The ORDER of this tuple is the layout of
 # the vector each rank contributes to the gather (``RANK_VECTOR``), so append, never reorder.
 RANK_KEYS: tuple[MetricKey, ...] = (
@@ -36,6 +63,12 @@ RANK_KEYS: tuple[MetricKey, ...] = (
     # Sparse keys (SPARSE_RANK_KEYS): logged when they change, not every interval.
     MetricKey("peak_rss_mb", "MiB", "peak resident memory of the rank's process so far", "rank"),
     MetricKey("parameters", "", "model parameters this rank holds (a slice of the model when it is split)", "rank"),
+    # System metrics (recipe log.system_metrics_interval_s; tracking/_system.py): one sampler per
+    # host, in the host's lowest rank that has a child run (local rank 0 by default), so only that
+    # child run holds them (tag TAG_SYSTEM_METRICS_HOST). Named exactly as MLflow's own system
+    # metrics (mlflow/system_metrics/metrics/*.py, "MB" = 1e6 bytes) so the UI's "System metrics"
+    # section draws them. Sparse: a point at the first gather after each new sample.
+    *SYSTEM_KEYS_TABLE,
 )
 
 # Job keys, logged on the parent run.
@@ -48,6 +81,9 @@ JOB_KEYS: tuple[MetricKey, ...] = (
     MetricKey("straggler_ratio", "", "max / median of the ranks' step_time_s at the same step", "job"),
     MetricKey("world_size", "ranks", "number of ranks of the job", "job"),
     MetricKey("scaling_efficiency", "", "T_N / (N * T_1), T = samples_per_sec, T_1 from an np=1 baseline", "job"),
+    MetricKey("samples_per_sec_end_to_end", "samples/s",
+              "sum of the ranks' samples / wall seconds of training, evaluation and checkpoints included (one point, at the end)",
+              "job"),
     # Elastic jobs (hvdkit.tracking._membership): a membership epoch is the span between two
     # membership changes. Event keys are logged at the step of the change; the per-epoch
     # keys at the epoch's first step, once it ended.
@@ -74,6 +110,7 @@ REPLICAS_EQUAL = "replicas_equal"  # one point, at the job's last step
 STRAGGLER_RATIO = "straggler_ratio"
 WORLD_SIZE = "world_size"
 SCALING_EFFICIENCY = "scaling_efficiency"
+SAMPLES_PER_SEC_END_TO_END = "samples_per_sec_end_to_end"  # one point, at the job's last step
 MEMBERSHIP_EPOCH = "membership_epoch"
 MEMBERSHIP_JOINED = "membership_joined"
 MEMBERSHIP_LEFT = "membership_left"
@@ -86,7 +123,8 @@ RANK_VECTOR: tuple[str, ...] = tuple(k.name for k in RANK_KEYS)
 RANK_KEY_NAMES = frozenset(RANK_VECTOR)
 # Per-rank keys that barely change: a point when the value moved (peak RSS by 1 MiB or more, the
 # parameter count once), so they do not add to every interval's writes (docs/benchmarks.md).
-SPARSE_RANK_KEYS = frozenset({PEAK_RSS_MB, PARAMETERS})
+# System keys are sparse too: NaN in a row means "no new sample" (a rank that samples nothing).
+SPARSE_RANK_KEYS = frozenset({PEAK_RSS_MB, PARAMETERS}) | SYSTEM_RANK_KEYS
 JOB_KEY_NAMES = frozenset(k.name for k in JOB_KEYS)
 
 # Tags. ``hvdkit.*`` are ours; MLflow's own tags we set are named here too so nothing else
@@ -110,6 +148,7 @@ TAG_SPOOL_REF = "hvdkit.spool_ref"  # "<job_id>/<ref>": finds a run created befo
 TAG_RANK_SAMPLING = "hvdkit.rank_sampling"  # k when only every k-th rank has a child run
 TAG_BASELINE_RUN_ID = "hvdkit.baseline_run_id"  # the np=1 run scaling_efficiency divides by
 TAG_RESUMES = "hvdkit.resumes"  # how many times `hvdkit run --resume` continued this job (parent run)
+TAG_SYSTEM_METRICS_HOST = "hvdkit.system_metrics_host"  # the host whose system/ metrics this child run holds
 
 # Elastic jobs: the parent says it is one and how often its membership changed; a worker's child
 # run says where and when it joined, and (ended KILLED) when it left.
@@ -120,6 +159,17 @@ TAG_JOINED_STEP = "hvdkit.joined_step"
 TAG_LEFT_STEP = "hvdkit.left_step"
 TAG_LEFT_REASON = "hvdkit.left_reason"  # failure | removed
 MEMBERSHIP_ARTIFACT = "elastic/membership.json"  # every membership epoch: steps, ranks, hosts, T, E
+
+# The trained model and its data (a FINISHED job's parent run): the logged model's name, the
+# per-rank shard layout (JSON; also on the training dataset input), and MLflow's dataset-context
+# input tag, whose values are the splits.
+LOGGED_MODEL_NAME = "model"
+TAG_SHARD_LAYOUT = "hvdkit.shard_layout"
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input tag name (mlflow.log_input's context)
+CONTEXT_TRAINING = "training"
+CONTEXT_VALIDATION = "validation"
+# Seconds rank 0 waits for the model and dataset logging before the job ends without them.
+ENV_LOG_MODEL_TIMEOUT_S = "HVDKIT_LOG_MODEL_TIMEOUT_S"
 
 ROLE_PARENT = "parent"
 ROLE_RANK = "rank"
@@ -141,6 +191,12 @@ def describe(scope: Scope | None = None) -> list[MetricKey]:
 
 
 __all__ = [
+    "MAX_GPUS",
+    "SYSTEM_KEYS_TABLE",
+    "SYSTEM_PREFIX",
+    "SYSTEM_RANK_KEYS",
+    "SYSTEM_VECTOR",
+    "TAG_SYSTEM_METRICS_HOST",
     "TAG_DATA_RANK",
     "TAG_MODEL_RANK",
     "SPARSE_RANK_KEYS",
@@ -171,6 +227,7 @@ __all__ = [
     "RSS_MB",
     "SAMPLES_PER_SEC",
     "SCALING_EFFICIENCY",
+    "SAMPLES_PER_SEC_END_TO_END",
     "STEP_TIME_S",
     "STRAGGLER_RATIO",
     "TAG_BASELINE_RUN_ID",
