@@ -158,15 +158,15 @@ def job_profile(client, run_id: str) -> JobProfile:
     if tags.get(keys.TAG_ROLE) != keys.ROLE_PARENT:
         raise TrackingError(f"run {run_id} is not an hvdkit job run ({keys.TAG_ROLE}={tags.get(keys.TAG_ROLE)!r})",
                             fix="pass the parent run ID of a tracked hvdkit job (not a sweep)")
-    ranks = _children(client, run.info.experiment_id, run.info.run_id, keys.ROLE_RANK)
+    ranks = child_runs(client, run.info.experiment_id, run.info.run_id, keys.ROLE_RANK)
     compute, data, params = [], [], []
     for r in ranks:
-        step = _warm(client, r.info.run_id, keys.STEP_TIME_S)
+        step = warm_mean(client, r.info.run_id, keys.STEP_TIME_S)
         if step is None:
             continue
-        comm = _warm(client, r.info.run_id, keys.COMM_WAIT_S) or 0.0
+        comm = warm_mean(client, r.info.run_id, keys.COMM_WAIT_S) or 0.0
         compute.append(step - comm)
-        data.append(_warm(client, r.info.run_id, keys.DATA_TIME_S) or 0.0)
+        data.append(warm_mean(client, r.info.run_id, keys.DATA_TIME_S) or 0.0)
         if keys.PARAMETERS in r.data.metrics:
             params.append(r.data.metrics[keys.PARAMETERS])
     if not compute or not params:
@@ -302,7 +302,7 @@ def print_table(preds: Sequence[Prediction], title: str, notes: Sequence[str], f
     console = Console(file=file or sys.stdout, width=120)
     console.print(table)
     for n in notes:
-        console.print(f"  {n}", highlight=False)
+        console.print(f"  {n}", highlight=False, soft_wrap=True)  # one line each: greppable
 
 
 def make_plan(client, run_id: str, networks: Sequence[str], nps: Sequence[int], *, cores: int | None = None,

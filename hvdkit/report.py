@@ -78,14 +78,14 @@ def _mean(values) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _warm(client, run_id: str, key: str) -> float | None:
+def warm_mean(client, run_id: str, key: str) -> float | None:
     from hvdkit.tracking.efficiency import history_mean
 
     hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     return history_mean(m.value for m in hist)
 
 
-def _children(client, experiment_id: str, parent_id: str, role: str) -> list:
+def child_runs(client, experiment_id: str, parent_id: str, role: str) -> list:
     flt = f"tags.`{keys.MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{keys.TAG_ROLE}` = '{role}'"
     out, token = [], None
     while True:
@@ -102,11 +102,11 @@ def _job_point(client, run, baseline: bool = False) -> JobPoint:
     rid = run.info.run_id
     n = int(run.data.tags.get(keys.TAG_WORLD_SIZE) or run.data.metrics.get(keys.WORLD_SIZE) or 0)
     job = JobPoint(n, rid, run.info.status, samples_per_sec=run_throughput(client, rid), baseline=baseline)
-    job.straggler_ratio = _warm(client, rid, keys.STRAGGLER_RATIO)
+    job.straggler_ratio = warm_mean(client, rid, keys.STRAGGLER_RATIO)
     steps = []
-    for child in _children(client, run.info.experiment_id, rid, keys.ROLE_RANK):
+    for child in child_runs(client, run.info.experiment_id, rid, keys.ROLE_RANK):
         tags = child.data.tags
-        step, data, comm = (_warm(client, child.info.run_id, k) for k in (keys.STEP_TIME_S, keys.DATA_TIME_S, keys.COMM_WAIT_S))
+        step, data, comm = (warm_mean(client, child.info.run_id, k) for k in (keys.STEP_TIME_S, keys.DATA_TIME_S, keys.COMM_WAIT_S))
         rank = int(tags.get(keys.TAG_RANK, -1)) if str(tags.get(keys.TAG_RANK, "")).isdigit() else -1
         compute = None if step is None else step - (comm or 0.0)
         job.ranks.append(RankPoint(rank, child.info.run_id, compute, data, comm))
@@ -134,7 +134,7 @@ def collect(client, sweep_run_id: str) -> SweepReport:
     if tags.get(keys.TAG_ROLE) != keys.ROLE_SWEEP:
         raise TrackingError(f"run {sweep_run_id} is not a sweep run (its {keys.TAG_ROLE} is {tags.get(keys.TAG_ROLE)!r})",
                             fix="pass the sweep run of `hvdkit scale`, not one of its jobs")
-    jobs = [_job_point(client, r) for r in _children(client, sweep.info.experiment_id, sweep_run_id, keys.ROLE_PARENT)]
+    jobs = [_job_point(client, r) for r in child_runs(client, sweep.info.experiment_id, sweep_run_id, keys.ROLE_PARENT)]
     base_id = tags.get(keys.TAG_BASELINE_RUN_ID)
     if base_id and not any(j.run_id == base_id for j in jobs):
         try:  # a sweep without np=1 divides by a stored run outside it: show it as the N=1 point

@@ -246,7 +246,8 @@ def test_bad_input_catalogue(case, tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle.format(**files) in lines[0] and "fix:" in lines[0], (name, res.stderr)
     assert "hunter2" not in res.stdout + res.stderr  # a password in the input is never echoed
-    assert "[0]<stdout>" not in res.stdout and "horovodrun" not in res.stdout  # no worker started
+    # no worker started (a launch relays the ranks' output and names its log: launch/_console.py)
+    assert "every rank's full output" not in res.stderr and "horovodrun" not in res.stdout
     assert not (tmp_path / "hvdkit-spool").exists(), name  # no spool begun
     assert _snapshot(tmp_path / "in") == before, name  # job folders, checkpoints, hostfiles untouched
     if store.exists():  # nothing was tracked, so nothing can be RUNNING

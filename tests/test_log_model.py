@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import explain, hvdkit, worker_env
+from conftest import REPO, explain, hvdkit, worker_env
 
 pytestmark = pytest.mark.horovod
 
@@ -22,9 +22,9 @@ def _job(tmp: Path, framework: str, *overrides: str) -> dict:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    res = hvdkit(["run", DIGITS, "-np", "2", "--framework", framework, *QUICK,
+    res = hvdkit(["run", str(REPO / DIGITS), "-np", "2", "--framework", framework, *QUICK,
                   f"checkpoint.dir={tmp / 'ck'}", "--summary-json", str(tmp / "summary.json"), *overrides],
-                 env=worker_env(MLFLOW_TRACKING_URI=uri), timeout=300)
+                 cwd=tmp, env=worker_env(MLFLOW_TRACKING_URI=uri), timeout=300)
     assert res.returncode == 0, explain(res)
     client = MlflowClient(tracking_uri=uri)
     exps = [e.experiment_id for e in client.search_experiments()]
@@ -94,7 +94,7 @@ def test_torch_dataset_inputs_and_shard_layout(torch_job):
     assert train.dataset.name == "digits" and len(train.dataset.digest) >= 8
     assert train.dataset.digest != inputs["validation"].dataset.digest
     assert train.dataset.source_type == "local" and "digits.csv.gz" in train.dataset.source
-    assert json.loads(train.dataset.profile)["features_shape"] == [1437, 8, 8, 1]
+    assert json.loads(train.dataset.profile)["features_shape"] == list(_digits_val().x_train.shape)
     layout = json.loads(run.data.tags["hvdkit.shard_layout"])
     assert layout == json.loads(dict((t.key, t.value) for t in train.tags)["hvdkit.shard_layout"])
     assert layout["global_batch"] == 64
@@ -105,7 +105,7 @@ def test_torch_dataset_inputs_and_shard_layout(torch_job):
 def test_register_model_makes_version_1(torch_job):
     client, (model,) = torch_job["client"], torch_job["models"]
     (version,) = client.search_model_versions("name = 'digits-torch'")
-    assert version.version == "1" and version.run_id == torch_job["run"].info.run_id
+    assert str(version.version) == "1" and version.run_id == torch_job["run"].info.run_id
     assert model.model_id in version.source
 
 

@@ -373,8 +373,8 @@ def run_forwarding(cmd: Sequence[str], env: dict[str, str], *, grace_s: float = 
     # The ranks' output reaches the terminal through the console relay (launch/_console.py), and
     # rank 0 draws no tqdm bar of its own but tells the relay its progress.
     env = {**env, _console.PROGRESS_ENV: "1"}
-    log = _console.RawLog(_console.new_log_path(env.get(keys.ENV_JOB_ID)))
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = _console.RawLog(_console.new_log_path(env.get(keys.ENV_JOB_ID)))
     relay = _console.Relay(proc.stdout.fileno(), proc.stderr.fileno(), log).start()
     received: list[int] = []
 

@@ -226,6 +226,7 @@ class Relay:
         self._filter = _Filter()
         self._fds = {stdout_fd: "stdout", stderr_fd: "stderr"}
         self._stop_at: float | None = None
+        self._failed = False
         self._thread = threading.Thread(target=self._run, name="hvdkit-console", daemon=True)
 
     def start(self) -> Relay:
@@ -263,7 +264,7 @@ class Relay:
                     pending[fd] = "" if not chunk else segments.pop()
                     for seg in segments:
                         if seg:
-                            self.feed(seg, key.data)
+                            self._feed_safely(seg, key.data)
                     if not chunk:
                         sel.unregister(fd)
         except Exception as e:  # noqa: BLE001 - the console must never take the job down with it
@@ -271,6 +272,17 @@ class Relay:
                   file=sys.stderr, flush=True)
         finally:
             sel.close()
+
+    def _feed_safely(self, raw: str, stream: str) -> None:
+        # A line the console cannot handle is shown raw: the relay must keep draining the pipes,
+        # or the ranks block on a full pipe and the job hangs.
+        try:
+            self.feed(raw, stream)
+        except Exception as e:  # noqa: BLE001
+            if not self._failed:
+                self._failed = True
+                print(f"hvdkit: console: {type(e).__name__}: {e}; showing the raw output", file=sys.stderr, flush=True)
+            (self.out if stream == "stdout" else self.err).write(raw)
 
     def feed(self, raw: str, stream: str) -> None:
         """One segment of horovodrun's ``stream``: to the log, and to the terminal if it should be seen."""

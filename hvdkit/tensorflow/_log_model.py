@@ -43,16 +43,35 @@ def _installed(dist: str) -> bool:
         return False
 
 
+def _uncompiled(model):
+    """The model without its optimizer: a Keras-fit model is compiled with hvdkit's
+    DistributedKerasOptimizer, which a loader without hvdkit cannot rebuild (and serving never
+    needs). A clone with the trained weights; the model itself if it cannot be cloned."""
+    import keras
+
+    if getattr(model, "optimizer", None) is None:
+        return model
+    try:
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    except Exception:  # noqa: BLE001 - a subclassed model: logged as it is
+        return model
+
+
 def log_model(backend, run_id: str, *, name: str, registered_model_name: str | None = None, step: int = 0) -> Any:
     import mlflow.keras
     from mlflow.models import Model, infer_signature
 
-    model = backend.model
+    model = _uncompiled(backend.model)
     example = example_rows(backend)
     signature = None
     if example is not None:
         out = np.asarray(model(example, training=False), dtype=np.float32)  # bf16 models: float32 logits
         signature = infer_signature(example, out)
+    # No input example: mlflow.keras.save_model (3.17) writes it before creating the model's
+    # folder, and Model.log then fails reading it back (FileNotFoundError input_example.json);
+    # the signature alone lets pyfunc and serving check inputs.
     return Model.log(artifact_path=None, name=name, flavor=mlflow.keras, run_id=run_id, model=model,
-                     signature=signature, input_example=example, pip_requirements=pip_requirements(),
+                     signature=signature, pip_requirements=pip_requirements(),
                      registered_model_name=registered_model_name, step=step, save_exported_model=False)
