@@ -15,9 +15,10 @@ Model (ring allreduce, fixed per-rank batch):
 - ``t_comm(N) = 2(N-1)·α + 2(N-1)/N · bytes / B``, B the named network's link speed (``local``: the
   probe's B). α is the probe's for every network: Horovod's per-collective software cost (its
   cycle, the controller's negotiation) measured here is far above a wire's few microseconds.
-- ``t_step(N) = t_local · max(1, ranks_per_host / cores) + t_comm(N)``: ranks sharing a host's
-  cores share its compute (``local`` puts all N ranks on this host; a named network puts
-  ``--ranks-per-host`` on each host).
+- ``t_step(N) = t_local · k + t_comm(N)`` with ``k = max(1, ranks_per_host / cores)``: ranks
+  sharing a host's cores share its compute (``local`` puts all N ranks on this host; a named
+  network puts ``--ranks-per-host`` on each host). α, Horovod's and the controller's CPU time per
+  hop, is scaled by the same k (relative to the probe's own ranks per core); B is not.
 - no overlap of communication with compute: hvdkit's ``comm_wait_s`` is the time blocked after the
   backward pass, and counting all of t_comm as blocked bounds the step time from above.
 - ``E(N) = t_step(1) / t_step(N)``, with ``t_step(1) = t_local`` (no allreduce at N=1).
@@ -116,10 +117,13 @@ class Prediction:
 
 
 def predict(profile: JobProfile, n: int, network: str, bandwidth: float, alpha: float, *, cores: int,
-            ranks_per_host: int) -> Prediction:
+            ranks_per_host: int, alpha_share: float = 1.0) -> Prediction:
+    """``alpha_share``: the share of a core each probe rank had (``min(1, cores / probe ranks)`` on
+    the probe's host); α is CPU time, so a rank with less of a core than the probe's takes longer."""
     rph = min(n, ranks_per_host)
-    local = profile.local_s * max(1.0, rph / cores)
-    comm = ring_allreduce_time(n, profile.grad_bytes, alpha, bandwidth)
+    share = min(1.0, cores / rph)  # of a core, per rank
+    local = profile.local_s / share
+    comm = ring_allreduce_time(n, profile.grad_bytes, alpha * alpha_share / share, bandwidth)
     step = local + comm
     return Prediction(network, bandwidth, n, rph, local, comm, step, profile.local_s / step, n * profile.batch_size / step)
 
@@ -143,7 +147,7 @@ def job_profile(client, run_id: str) -> JobProfile:
     job's parent run, or one of its rank runs)."""
     from mlflow.exceptions import MlflowException
 
-    from hvdkit.report import _children, _warm
+    from hvdkit.report import child_runs, warm_mean
     from hvdkit.tracking.context import TAG_CONTROLLER
 
     try:
@@ -236,7 +240,7 @@ def _notes(profile: JobProfile, probe: Probe, cores: int, ranks_per_host: int) -
         f"gradients {profile.grad_bytes / 2**20:.3f} MiB (parameters x 4 B)",
         f"probe np={probe.np} {probe.controller}: alpha {probe.alpha * 1e6:.1f} us, bus bandwidth "
         f"{probe.bandwidth / 1e9:.3f} GB/s (busbw = algbw x 2(n-1)/n)",
-        "t_comm(N) = 2(N-1)·alpha + 2(N-1)/N · bytes/B; t_step = t_local · max(1, ranks_per_host/cores) + t_comm "
+        "t_comm(N) = 2(N-1)·alpha·k + 2(N-1)/N · bytes/B; t_step = t_local·k + t_comm, k = max(1, ranks_per_host/cores) "
         "(no compute/communication overlap); E(N) = t_step(1)/t_step(N) at a fixed per-rank batch",
         f"cores per host {cores}: 'local' runs all N ranks on this host; named networks {ranks_per_host} rank(s) per host",
     ]
@@ -321,7 +325,8 @@ def make_plan(client, run_id: str, networks: Sequence[str], nps: Sequence[int], 
         bw = probe.bandwidth if net == LOCAL else NETWORKS[net]
         for n in nps:
             rph = n if net == LOCAL else ranks_per_host
-            preds.append(predict(profile, n, net, bw, probe.alpha, cores=cores, ranks_per_host=rph))
+            preds.append(predict(profile, n, net, bw, probe.alpha, cores=cores, ranks_per_host=rph,
+                                 alpha_share=min(1.0, (os.cpu_count() or 1) / probe.np)))
     notes = _notes(profile, probe, cores, ranks_per_host)
     if log:
         with tempfile.TemporaryDirectory(prefix="hvdkit-plan-") as tmp:

@@ -276,22 +276,20 @@ def write(rep: SweepReport, out_dir: str | os.PathLike[str]) -> Path:
 
 def build(client, sweep_run_id: str, out_dir: str | os.PathLike[str] | None = None, *, log: bool = True,
           echo: Callable[[str], None] = print) -> SweepReport:
-    """Collect, write (to ``out_dir``, else a temporary folder) and, with ``log``, attach the report
-    to the sweep run under ``report/`` (replacing an earlier one's files of the same names)."""
+    """Collect, write and, with ``log``, attach the report to the sweep run under ``report/``
+    (replacing an earlier one's files of the same names); ``out_dir`` also keeps a copy."""
+    import shutil
+
     rep = collect(client, sweep_run_id)
-    if out_dir is None:
-        with tempfile.TemporaryDirectory(prefix="hvdkit-report-") as tmp:
-            _write_and_log(client, rep, tmp, log)
-    else:
-        _write_and_log(client, rep, out_dir, log)
-        echo(f"hvdkit: report written to {Path(out_dir) / 'report.html'}")
+    # Written to a folder of its own: only the report's files are uploaded, whatever --out holds.
+    with tempfile.TemporaryDirectory(prefix="hvdkit-report-") as tmp:
+        write(rep, tmp)
+        if log:
+            client.log_artifacts(rep.sweep_run_id, tmp, ARTIFACT_DIR)
+        if out_dir is not None:
+            shutil.copytree(tmp, out_dir, dirs_exist_ok=True)
+            echo(f"hvdkit: report written to {Path(out_dir) / 'report.html'}")
     return rep
 
 
-def _write_and_log(client, rep: SweepReport, out_dir, log: bool) -> None:
-    write(rep, out_dir)
-    if log:
-        client.log_artifacts(rep.sweep_run_id, str(out_dir), ARTIFACT_DIR)
-
-
-__all__ = ["ARTIFACT_DIR", "CSV_COLUMNS", "JobPoint", "RankPoint", "SweepReport", "build", "collect", "write"]
+__all__ = ["ARTIFACT_DIR", "CSV_COLUMNS", "JobPoint", "RankPoint", "SweepReport", "build", "child_runs", "collect", "warm_mean", "write"]

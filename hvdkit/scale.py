@@ -270,7 +270,11 @@ def run_sweep(loaded, opts, nps: Sequence[int], overrides: Sequence[str], *, log
                 # code path, so a rebuilt report equals the one the sweep attached.
                 from hvdkit.report import build as build_report
 
-                build_report(client, sweep_id)
+                try:
+                    build_report(client, sweep_id)
+                except Exception as exc:  # noqa: BLE001 - the sweep's result outranks its report
+                    echo(f"hvdkit: warning: the sweep's report was not attached ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}) — fix: hvdkit report {sweep_id}")
         finally:
             client.set_terminated(sweep_id, result.status)
     return result

@@ -99,7 +99,7 @@ def test_torch_dataset_inputs_and_shard_layout(torch_job):
     assert layout == json.loads(dict((t.key, t.value) for t in train.tags)["hvdkit.shard_layout"])
     assert layout["global_batch"] == 64
     assert layout["ranks"]["0"]["batch_rows"] == [0, 32] and layout["ranks"]["1"]["batch_rows"] == [32, 64]
-    assert layout["ranks"]["0"]["val_rows"] == [0, 180] and layout["ranks"]["1"]["val_rows"] == [180, 360]
+    assert layout["ranks"]["0"]["val_rows"] == [0, 180] and layout["ranks"]["1"]["val_rows"] == [180, 359]
 
 
 def test_register_model_makes_version_1(torch_job):

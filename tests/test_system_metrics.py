@@ -97,6 +97,39 @@ def test_gpu_without_nvidia_ml_py_warns_once_with_the_fix(monkeypatch, caplog):
     assert "nvidia-ml-py is not installed" in warned[0] and "— fix: pip install nvidia-ml-py" in warned[0]
 
 
+def test_gpu_columns_from_nvml(monkeypatch):
+    """No GPU on the test machines: a stand-in NVML (the calls MLflow's GPUMonitor makes) checks
+    that each GPU's values land in its own columns, in MLflow's units, and NVML is shut down."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    class NotSupported(Exception):
+        pass
+
+    fake = SimpleNamespace(
+        nvmlInit=lambda: calls.append("init"),
+        nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=(h + 1) * 2_000_000_000, total=8_000_000_000),
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=40 + h) if h == 0 else (_ for _ in ()).throw(NotSupported()),
+    )
+    monkeypatch.setattr(_system, "_import_pynvml", lambda: fake)
+    sampler = _system.HostSampler(3600.0)
+    assert sampler.gpus == 2
+    s = sampler.sample()
+    sampler.close()
+    assert calls == ["init", "shutdown"]
+    got = {k: s[keys.SYSTEM_VECTOR.index(k)] for k in GPU_KEYS}
+    p = keys.SYSTEM_PREFIX
+    assert got[p + "gpu_0_utilization_percentage"] == 40.0
+    assert math.isnan(got[p + "gpu_1_utilization_percentage"])  # not supported: NaN, its memory still logged
+    assert got[p + "gpu_0_memory_usage_megabytes"] == 2000.0 and got[p + "gpu_1_memory_usage_megabytes"] == 4000.0
+    assert got[p + "gpu_0_memory_usage_percentage"] == 25.0 and got[p + "gpu_1_memory_usage_percentage"] == 50.0
+    assert all(math.isnan(got[k]) for k in GPU_KEYS if not k.startswith((p + "gpu_0_", p + "gpu_1_")))
+
+
 def test_one_sampler_per_host():
     hosts = ["a", "a", "b", "b", "b", "c"]
     assert _system.sampler_ranks(hosts, list(range(6))) == {0, 2, 5}  # local rank 0 of each host

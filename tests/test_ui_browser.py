@@ -37,7 +37,7 @@ DIGITS = str(REPO / "recipes" / "digits.yaml")
 SWEEP = ["--np", "1,2", "epochs=1", "log.every_steps=5", "log.progress=false", "checkpoint.dir=null",
          "log.system_metrics_interval_s=0.5"]
 VIEWPORT = {"width": 1280, "height": 800}
-TIMEOUT_MS = 20_000
+TIMEOUT_MS = 60_000  # generous: CI machines are small and busy
 # the runs table's expand/collapse button, and the "+" (collapsed) icon it shows before a click
 EXPAND = 'button[data-component-id$="runnamecellrenderer.tsx_46"]'
 COLLAPSED = EXPAND + ':has(path[d^="M7.25 7.25V4.5"])'
@@ -111,7 +111,7 @@ def store(tmp_path_factory):
     proc = subprocess.Popen(ui.server_command(port), env=ui.server_env(uri), cwd=tmp, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        ui.wait_until_up(f"{s.base_url}/health", proc)
+        ui.wait_until_up(f"{s.base_url}/health", proc, timeout=180)  # slow to import on a busy 2-core machine
         yield s
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
@@ -190,6 +190,7 @@ def _run_rows(page) -> list[tuple[str, float]]:
     """(run id, x of its name) for each row of the runs table, top to bottom."""
     rows = []
     links = page.locator('[role="row"] a[href*="/runs/"]')
+    page.wait_for_timeout(500)
     for i in range(links.count()):
         link = links.nth(i)
         box = link.bounding_box()

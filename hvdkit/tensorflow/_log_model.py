@@ -46,16 +46,15 @@ def _installed(dist: str) -> bool:
 def _uncompiled(model):
     """The model without its optimizer: a Keras-fit model is compiled with hvdkit's
     DistributedKerasOptimizer, which a loader without hvdkit cannot rebuild (and serving never
-    needs). A clone with the trained weights; the model itself if it cannot be cloned."""
+    needs). A functional model is rewrapped (same layers and weights, never compiled:
+    ``clone_model`` keeps the compile state in Keras 3); a subclassed one is logged as it is."""
     import keras
 
-    if getattr(model, "optimizer", None) is None:
+    if not getattr(model, "compiled", False):
         return model
     try:
-        clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
-        return clone
-    except Exception:  # noqa: BLE001 - a subclassed model: logged as it is
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    except Exception:  # noqa: BLE001 - a subclassed model has no symbolic inputs
         return model
 
 
