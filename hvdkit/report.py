@@ -264,8 +264,7 @@ def write(rep: SweepReport, out_dir: str | os.PathLike[str]) -> Path:
     _write_csvs(rep, out)
     measured = [{"np": j.np, "samples_per_sec": j.samples_per_sec, "efficiency": j.efficiency}
                 for j in rep.jobs if j.samples_per_sec is not None]
-    if measured:
-        scaling_figure(measured).savefig(out / "scaling.png", dpi=100)
+    scaling_figure(measured).savefig(out / "scaling.png", dpi=100)  # empty axes when no job measured yet
     _breakdown_figure(rep).savefig(out / "breakdown.png", dpi=100)
     _straggler_figure(rep).savefig(out / "straggler.png", dpi=100)
     page = out / "report.html"

@@ -197,10 +197,17 @@ def _check_exact(stored: dict, steps: int) -> dict[str, int]:
     assert [v for _, _, v in stored["parent"].pop(keys.REPLICAS_EQUAL)] == [1.0]
     (end_to_end,) = stored["parent"].pop(keys.SAMPLES_PER_SEC_END_TO_END)
     assert end_to_end[0] == steps and end_to_end[2] > 0, end_to_end
-    for ref in ("rank0", "rank1"):
-        assert set(stored[ref]) == set(DENSE) | {keys.PEAK_RSS_MB, keys.PARAMETERS}, (ref, sorted(stored[ref]))
+    # The host's system metrics ride on its local rank 0's gathers only (one sampler per host),
+    # a point per new sample: through the outage they are kept like every other key.
+    system = set(stored["rank0"]) & keys.SYSTEM_RANK_KEYS
+    assert keys.SYSTEM_PREFIX + "cpu_utilization_percentage" in system, sorted(stored["rank0"])
+    for ref, extra in (("rank0", system), ("rank1", set())):
+        assert set(stored[ref]) == set(DENSE) | {keys.PEAK_RSS_MB, keys.PARAMETERS} | extra, (ref, sorted(stored[ref]))
     for ref, by_key in stored.items():
         for key, points in by_key.items():
+            if key in keys.SYSTEM_RANK_KEYS:  # a point per sample, at the gather after it
+                assert len(set(points)) == len(points) and {s for s, _, _ in points} <= set(expected), (ref, key)
+                continue
             if key in keys.SPARSE_RANK_KEYS:  # a point when it moves: the first gather, then some
                 assert len(set(points)) == len(points) and expected[0] in {s for s, _, _ in points}, (ref, key)
                 continue
