@@ -414,7 +414,7 @@ def plan(run_id, networks, np_list, ranks_per_host, cores, tracking_uri) -> None
     click.echo(f"hvdkit: plan logged under plan/ on run {profile.run_id}")
 
 
-_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch", "parallelism", "outage")
+_BENCHES = ("all", "tracking", "scaling", "ddp", "writer", "launch", "parallelism", "outage", "system_metrics")
 
 
 @main.command("bench")

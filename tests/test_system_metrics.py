@@ -46,6 +46,21 @@ def test_names_are_mlflows_own_system_metrics():
     assert keys.RANK_VECTOR[:2] == (keys.SAMPLES_PER_SEC, keys.STEP_TIME_S)  # nothing reordered
 
 
+def test_fresh_reading_at_the_jobs_end_does_not_wait_for_the_interval():
+    # a job shorter than the interval still gets its host's reading at its last gather
+    sampler = _system.HostSampler(600.0)
+    try:
+        assert sampler.latest() is None and sampler.samples == 0
+        t0 = time.monotonic()
+        s = sampler.fresh(5.0)
+        assert time.monotonic() - t0 < 5.0 and sampler.samples == 1
+        assert s is not None and 0.0 <= s[_idx("cpu_utilization_percentage")] <= 100.0
+        assert sampler.latest() is None  # handed out once
+    finally:
+        sampler.close()
+    assert not sampler.alive and sampler.fresh(0.1) is None
+
+
 def test_host_sampler_with_real_psutil():
     sampler = _system.HostSampler(0.2)
     try:

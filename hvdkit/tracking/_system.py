@@ -115,6 +115,8 @@ class HostSampler:
         self._latest: np.ndarray | None = None
         self.samples = 0  # taken so far (tests, diagnostics)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # fresh(): sample now rather than at the interval's end
+        self._taken = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="hvdkit-system-metrics", daemon=True)
         self._thread.start()
 
@@ -146,15 +148,32 @@ class HostSampler:
         # psutil keeps cpu_percent's "since the last call" per thread: primed here, on the thread
         # that samples, so the first sample covers the first interval (not 0.0).
         self._psutil.cpu_percent(interval=None)
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 reading = self.sample()
             except Exception as exc:  # noqa: BLE001 - a sampler must never take the job down
                 log.warning("hvdkit: warning: system metrics sampling stopped (%s)", exc)
                 return
-            with self._lock:
+            with self._taken:
                 self._latest = reading
                 self.samples += 1
+                self._taken.notify_all()
+
+    def fresh(self, timeout: float = 1.0) -> np.ndarray | None:
+        """A reading taken now by the sampling thread (the CPU share since its last one), or
+        None when it does not come within ``timeout`` seconds."""
+        if not self._thread.is_alive():
+            return None
+        with self._taken:
+            before = self.samples
+            self._wake.set()
+            self._taken.wait_for(lambda: self.samples > before, timeout)
+            reading, self._latest = self._latest, None
+        return reading
 
     def latest(self) -> np.ndarray | None:
         """The newest sample not handed out yet, or None."""
@@ -169,6 +188,7 @@ class HostSampler:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread and wait for it (a sample in progress takes milliseconds). Idempotent."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         if self._nvml is not None:

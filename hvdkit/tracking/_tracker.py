@@ -327,7 +327,11 @@ class JobTracker:
         vec[_LAYER] = self._layer_t / n
         vec[_PEAK] = _peak_rss_mb()
         vec[_PARAMS] = self._parameters
-        sample = self._sampler.latest() if self._sampler is not None else None
+        sample = None
+        if self._sampler is not None:
+            # The job's last gather takes a reading of its own when no newer one is waiting: a job
+            # shorter than the interval still shows its host, and every job ends with its state.
+            sample = self._sampler.latest() if not final else (self._sampler.latest() or self._sampler.fresh(1.0))
         vec[_SYS:] = math.nan if sample is None else sample
         self._reset()
         if self._gather_async is not None and not final:
