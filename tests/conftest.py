@@ -58,3 +58,26 @@ def explain(proc: subprocess.CompletedProcess, limit: int = 8000) -> str:
     """A failed job's output without TensorFlow's start-up chatter, for assertion messages."""
     text = "\n".join(l for l in (proc.stdout + "\n" + proc.stderr).splitlines() if not any(n in l for n in _NOISE))
     return f"exit {proc.returncode}\n{text[-limit:]}"
+
+
+# One digits sweep at np=1,2 for the tests that only read what a sweep leaves in the store
+# (test_report, test_plan, test_ui_browser): a sweep costs a minute of CI, so it is made once.
+# Those tests add to it (report/ again, plan/ on the np=1 job) but never change what another reads.
+DIGITS_SWEEP = ["--np", "1,2", "steps=30", "log.every_steps=5", "log.progress=false", "checkpoint.dir=null",
+                "eval.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def digits_sweep(tmp_path_factory) -> dict:
+    """``{"tmp", "uri", "env"}`` of a store holding one finished ``hvdkit scale`` digits sweep."""
+    try:
+        from test_tracking_support import sqlite_store
+    except ImportError:  # tests/ made a package
+        from tests.test_tracking_support import sqlite_store
+
+    tmp = tmp_path_factory.mktemp("digits-sweep")
+    uri = sqlite_store(tmp)
+    env = worker_env(MLFLOW_TRACKING_URI=uri)
+    res = hvdkit(["scale", str(REPO / "recipes" / "digits.yaml"), *DIGITS_SWEEP], cwd=tmp, env=env)
+    assert res.returncode == 0, explain(res)
+    return {"tmp": tmp, "uri": uri, "env": env}

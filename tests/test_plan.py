@@ -21,7 +21,7 @@ except ImportError:  # tests/ made a package
     from tests.test_tracking_support import job_runs, sqlite_store
 
 DIGITS = str(REPO / "recipes" / "digits.yaml")
-QUICK = ["steps=30", "log.every_steps=10", "log.progress=false", "checkpoint.dir=null", "eval.enabled=false"]
+
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -83,14 +83,12 @@ def _tail(res: subprocess.CompletedProcess, n: int = 3000) -> str:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("plan")
-    uri = sqlite_store(tmp)
-    env = worker_env(MLFLOW_TRACKING_URI=uri)
-    res = hvdkit(["run", DIGITS, "-np", "1", *QUICK], cwd=tmp, env=env)
-    assert res.returncode == 0, _tail(res)
+def job(digits_sweep):
+    """The sweep's np=1 job: what `hvdkit plan` predicts from."""
+    tmp, uri, env = digits_sweep["tmp"], digits_sweep["uri"], digits_sweep["env"]
     client = MlflowClient(tracking_uri=uri)
-    (parent,) = [r for r in job_runs(client) if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_PARENT]
+    (parent,) = [r for r in job_runs(client) if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_PARENT
+                 and r.data.tags.get(keys.TAG_WORLD_SIZE) == "1"]
     return {"tmp": tmp, "uri": uri, "env": env, "client": client, "run": parent}
 
 

@@ -21,7 +21,6 @@ except ImportError:  # tests/ made a package
     from tests.test_tracking_support import job_runs, sqlite_store
 
 DIGITS = str(REPO / "recipes" / "digits.yaml")
-QUICK = ["steps=30", "log.every_steps=10", "log.progress=false", "checkpoint.dir=null", "eval.enabled=false"]
 PNGS = ("breakdown.png", "scaling.png", "straggler.png")
 
 
@@ -42,12 +41,8 @@ def _read_csv(path):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report")
-    uri = sqlite_store(tmp)
-    env = worker_env(MLFLOW_TRACKING_URI=uri)
-    res = hvdkit(["scale", DIGITS, "--np", "1,2", *QUICK], cwd=tmp, env=env)
-    assert res.returncode == 0, _tail(res)
+def sweep(digits_sweep):
+    tmp, uri, env = digits_sweep["tmp"], digits_sweep["uri"], digits_sweep["env"]
     client = MlflowClient(tracking_uri=uri)
     runs = job_runs(client)
     (sw,) = [r for r in runs if r.data.tags.get(keys.TAG_ROLE) == keys.ROLE_SWEEP]

@@ -26,16 +26,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, explain, hvdkit, worker_env
 from hvdkit import ui
 from hvdkit.tracking import keys
 
 CHROMIUM = "/usr/bin/chromium"
-DIGITS = str(REPO / "recipes" / "digits.yaml")
-# Small and quick, but long enough for a few logged points per rank and a couple of system-metric
-# samples on the np=2 job's rank-0 child.
-SWEEP = ["--np", "1,2", "epochs=1", "log.every_steps=5", "log.progress=false", "checkpoint.dir=null",
-         "log.system_metrics_interval_s=0.5"]
 VIEWPORT = {"width": 1280, "height": 800}
 TIMEOUT_MS = 60_000  # generous: CI machines are small and busy
 # the runs table's expand/collapse button, and the "+" (collapsed) icon it shows before a click
@@ -75,16 +69,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(digits_sweep):
     why = _browser_missing()
     if why:
         if os.environ.get("CI"):
             pytest.fail(f"{why}; CI must run the browser test")
         pytest.skip(why)
-    tmp = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    res = hvdkit(["scale", DIGITS, *SWEEP], cwd=tmp, env=worker_env(MLFLOW_TRACKING_URI=uri))
-    assert res.returncode == 0, explain(res)
+    tmp, uri = digits_sweep["tmp"], digits_sweep["uri"]  # conftest: the sweep test_report reads too
 
     client = MlflowClient(tracking_uri=uri)
     exp_id = ui.experiment_id(uri, "hvdkit")

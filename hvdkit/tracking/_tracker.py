@@ -92,6 +92,7 @@ class JobTracker:
         self._children = list(range(0, world.size, self._sampling)) if self._sampling else []
         self._child_refs: list[str] | None = None  # elastic jobs: the ref of each of _children (membership_changed)
         self._emit = rank_zero_only(world.rank)(self._emit_gather)
+        self._system_points = 0  # readings this rank's sampler has put in a gather
         self._sampler: Any = None  # _system.HostSampler, on the one rank per host that samples it
         self._sys_tagged: set[str] = set()  # rank 0: child refs already tagged with their sampled host
         self._started = False
@@ -329,9 +330,13 @@ class JobTracker:
         vec[_PARAMS] = self._parameters
         sample = None
         if self._sampler is not None:
-            # The job's last gather takes a reading of its own when no newer one is waiting: a job
-            # shorter than the interval still shows its host, and every job ends with its state.
-            sample = self._sampler.latest() if not final else (self._sampler.latest() or self._sampler.fresh(1.0))
+            sample = self._sampler.latest()
+            if sample is None and (final or not self._system_points):
+                # The first gather and the job's last one take a reading of their own when none
+                # is waiting: a job shorter than the interval still shows its host, and a job
+                # ends with its host's state (milliseconds, on the sampling thread).
+                sample = self._sampler.fresh(1.0)
+            self._system_points += sample is not None
         vec[_SYS:] = math.nan if sample is None else sample
         self._reset()
         if self._gather_async is not None and not final:
