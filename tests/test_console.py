@@ -52,6 +52,8 @@ def test_filter_shows_rank0_and_what_matters_from_others(tmp_path):
         ('[1]<stderr>:  File "t.py", line 1, in <module>\n', "stderr"),
         ("[1]<stderr>:ValueError: bad\n", "stderr"),
         ("[1]<stdout>:back to work\n", "stdout"),
+        # an elastic survivor that took over rank 0 keeps its first prefix: hvdkit's lines still show
+        ("[2]<stderr>:hvdkit: membership epoch 1 at step 40: 2 ranks (failure; ...)\n", "stderr"),
         ("horovodrun's own line\n", "stderr"),
     ]
     for raw, stream in feed:
@@ -64,6 +66,7 @@ def test_filter_shows_rank0_and_what_matters_from_others(tmp_path):
         "[rank 1] Traceback (most recent call last):",
         '[rank 1]   File "t.py", line 1, in <module>',
         "[rank 1] ValueError: bad",
+        "[rank 2] hvdkit: membership epoch 1 at step 40: 2 ranks (failure; ...)",
         "horovodrun's own line",
     ]
     assert (tmp_path / "raw.log").read_bytes().decode() == "".join(raw for raw, _ in feed)  # nothing lost

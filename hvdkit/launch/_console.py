@@ -38,6 +38,7 @@ _PREFIX = re.compile(r"^(?:[^\[\n]*?)\[(\d+)(?:,(\d+))?\]<(stdout|stderr)>:")
 # a shown line (see _Filter), so only their first line needs to match.
 _MATTERS = re.compile(r"(?i)\b(warn(ing)?s?|errors?|exception|traceback|fatal|critical|abort(ed)?|killed|"
                       r"segmentation fault|core dumped|failed|failure)\b|\w+(Error|Exception|Warning)\b")
+HVDKIT_PREFIX = "hvdkit: "  # hvdkit's own messages to the user (rank-gated where they are printed)
 _CONTINUATION = re.compile(r"^(\s|$)")  # indented: part of the traceback or warning above it
 _MAX_CONTINUATION = 200
 
@@ -288,16 +289,19 @@ class Relay:
         """One segment of horovodrun's ``stream``: to the log, and to the terminal if it should be seen."""
         self.log.write(raw)
         line = parse_line(raw, stream)
-        if line.rank in (0, None):
-            fields = parse_progress(line.text)
-            if fields is not None:
-                self.view.update(fields)
-                return
+        # Progress lines come from rank 0 only, but in an elastic job that lost its first rank 0
+        # the survivor that took over still carries its first prefix: taken from any rank.
+        fields = parse_progress(line.text)
+        if fields is not None:
+            self.view.update(fields)
+            return
         if line.rank is None or line.rank == 0:
             if line.end == "\r" and not self.view.live:
                 return  # a redraw: on a terminal it overwrites itself, anywhere else it is noise (the log has it)
             self.view.write(line.text + line.end, self.out if line.stream == "stdout" else self.err)
-        elif self._filter.shows(line):
+        elif self._filter.shows(line) or line.text.startswith(HVDKIT_PREFIX):
+            # hvdkit's own lines are written by the rank that owns the job's reporting: rank 0,
+            # or the elastic survivor that took over from it (shown under its first prefix)
             self.view.write(f"[rank {line.rank}] {line.text}\n", self.err)
 
 
