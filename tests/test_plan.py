@@ -141,7 +141,9 @@ def test_plan_bad_input_is_one_line_exit_2(job):
     from hvdkit.cli import main
 
     client = job["client"]
-    empty = client.create_run(job["run"].info.experiment_id, tags={keys.TAG_ROLE: keys.ROLE_PARENT}).info.run_id
+    # a job run without rank runs, in an experiment of its own: the sweep's experiment is shared
+    # with test_report and test_ui_browser (conftest.digits_sweep), which read every job run in it
+    empty = client.create_run(client.create_experiment("plan-bad-input"), tags={keys.TAG_ROLE: keys.ROLE_PARENT}).info.run_id
     run_id = job["run"].info.run_id
     cases = [
         (["--network", "10gbit,infiniband"], run_id, "unknown network 'infiniband'"),
