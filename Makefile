@@ -59,8 +59,9 @@ demo: setup
 MLFLOW_OLDEST := $(shell grep -o '"mlflow>=[0-9.]*' pyproject.toml | head -1 | cut -d= -f2)
 OLDEST_VENV ?= .venv-mlflow-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.hvdkit-installed
-# (test_resume.py runs on the newest only: its MLflow calls are the tracking tests' own, and CI has 90 minutes)
-TRACKING_TESTS ?= tests/test_tracking_*.py tests/test_autolog.py tests/test_framework_autolog_plugins.py tests/test_server.py
+# (test_resume.py and test_server.py run on the newest only: their MLflow calls are the tracking tests'
+# own, and CI has 90 minutes)
+TRACKING_TESTS ?= tests/test_tracking_*.py tests/test_autolog.py tests/test_framework_autolog_plugins.py
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -79,8 +79,10 @@ def _parent_world_sizes(uri) -> list[float]:
         return []
 
 
-@pytest.mark.parametrize("framework,victim_rank", [("torch", 2), ("tensorflow", 2), ("torch", 0)],
-                         ids=["torch-rank2", "tensorflow-rank2", "torch-rank0"])
+# Each framework once and each kind of victim once (CI time): a worker that is not the writer (TF),
+# and rank 0, whose survivor takes the writer over (torch).
+@pytest.mark.parametrize("framework,victim_rank", [("tensorflow", 2), ("torch", 0)],
+                         ids=["tensorflow-rank2", "torch-rank0"])
 def test_elastic_job_survives_a_killed_worker_and_takes_it_back(tmp_path, framework, victim_rank):
     """VICTIM_HOST has one slot; hvdkit ranks hosts in the order the discovery lists them, so
     listed last it holds rank 2, listed first rank 0: then the job's writer dies with it and a
