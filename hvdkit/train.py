@@ -237,9 +237,16 @@ def log_job_model(tracker, backend, loaded, data, summary) -> None:
     """Rank 0, a FINISHED job: the datasets (with the per-rank shard layout) and, unless
     ``log.model: false``, the trained model with MLflow's flavour on the parent run. Bounded; a
     failure is one warning (hvdkit.tracking._logged_model)."""
+    from hvdkit.core.sharding import shard_layout
     from hvdkit.tracking._logged_model import log_model_and_data
 
-    log_model_and_data(tracker, backend, loaded.recipe, data, str(loaded.source), step=summary.steps)
+    val = data.x_val if hasattr(data, "x_val") else data.val  # arrays, or a pipeline (DataSplits)
+    try:
+        n_val = len(val) if val is not None else None
+    except TypeError:  # a tf.data pipeline of unknown cardinality
+        n_val = None
+    layout = shard_layout(backend.layout, loaded.recipe, n_val)
+    log_model_and_data(tracker, backend, loaded.recipe, data, layout, str(loaded.source), step=summary.steps)
 
 
 def end_job(tracker, job, status: str, steps: int, previous: dict, before_finish=None) -> None:

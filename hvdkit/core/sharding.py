@@ -8,6 +8,7 @@ np=1 with batch p·b sees, in the same order: that is what makes g = (1/p) Σ g_
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -63,3 +64,28 @@ def shard_eval(num_samples: int, rank: int, size: int) -> slice:
     """Contiguous, nearly equal evaluation shards; the caller weights by count when averaging."""
     per = -(-num_samples // size)
     return slice(rank * per, min(num_samples, (rank + 1) * per))
+
+
+LAYOUT_RANKS = 32  # ranks listed in shard_layout (it becomes an MLflow tag: a few KB at most)
+
+
+def shard_layout(layout, recipe, n_val: int | None) -> str:
+    """Which samples each rank reads, as short JSON (the MLflow tag hvdkit.shard_layout): every
+    epoch one permutation of the training samples (seed) cut into global batches, data rank d
+    takes rows [d·b, (d+1)·b) of each (ShardedBatches); the validation split by shard_eval. Ranks
+    of one model group (``layout``: core._layout.ParallelLayout) share a data rank."""
+    b = recipe.batch_size
+    ranks = {}
+    for r in range(min(layout.size, LAYOUT_RANKS)):
+        d = layout.data_rank(r)
+        entry: dict = {"data_rank": d, "batch_rows": [d * b, (d + 1) * b]}
+        if n_val:
+            val = shard_eval(n_val, d, layout.data)
+            entry["val_rows"] = [val.start, val.stop]
+        ranks[str(r)] = entry
+    doc = {"scheme": "each epoch: a permutation of the training samples (seed) in global batches; a rank takes "
+                     "batch_rows of each", "seed": recipe.seed, "global_batch": b * layout.data,
+           "uneven": recipe.data.uneven, "ranks": ranks}
+    if layout.size > LAYOUT_RANKS:
+        doc["more_ranks"] = layout.size - LAYOUT_RANKS
+    return json.dumps(doc, separators=(",", ":"))

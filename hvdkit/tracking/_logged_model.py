@@ -25,11 +25,10 @@ from hvdkit.tracking import keys
 from hvdkit.tracking._uri import resolve_tracking_uri
 
 _DEFAULT_TIMEOUT_S = 300.0
-_MAX_LAYOUT_RANKS = 32  # ranks listed in the shard-layout tag (a tag value is at most a few KB)
 
 
-def log_model_and_data(tracker: Any, backend: Any, recipe: Any, data: Any, recipe_path: str | None = None,
-                       step: int = 0) -> dict:
+def log_model_and_data(tracker: Any, backend: Any, recipe: Any, data: Any, layout: str,
+                       recipe_path: str | None = None, step: int = 0) -> dict:
     """Rank 0, FINISHED job: log the datasets (``log.model`` or not: they describe the job) and,
     unless ``log.model: false``, the trained model on the parent run. Returns what was done
     (``{"model_id": ..., "seconds": ...}``); a failure is one warning on stderr, never raised."""
@@ -42,7 +41,7 @@ def log_model_and_data(tracker: Any, backend: Any, recipe: Any, data: Any, recip
 
     def work() -> None:
         try:
-            out.update(_log(uri, run_id, backend, recipe, data, recipe_path, step))
+            out.update(_log(uri, run_id, backend, recipe, data, layout, recipe_path, step))
         except BaseException as exc:  # noqa: BLE001 - reported once below; the job has finished
             out["error"] = exc
 
@@ -93,12 +92,12 @@ def _store(uri: str, experiment_id: str):
                 os.environ[n] = v
 
 
-def _log(uri: str, run_id: str, backend: Any, recipe: Any, data: Any, recipe_path: str | None, step: int) -> dict:
+def _log(uri: str, run_id: str, backend: Any, recipe: Any, data: Any, layout: str, recipe_path: str | None,
+         step: int) -> dict:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)  # also the cheap "is the store there" probe before the heavy part
-    layout = shard_layout(backend, recipe, data)
     client.log_inputs(run_id, datasets=dataset_inputs(recipe, data, recipe_path, layout))
     client.set_tag(run_id, keys.TAG_SHARD_LAYOUT, layout)
     out: dict = {}
@@ -121,38 +120,6 @@ def _log(uri: str, run_id: str, backend: Any, recipe: Any, data: Any, recipe_pat
 
 
 # -- the data --------------------------------------------------------------------------------
-def shard_layout(backend: Any, recipe: Any, data: Any) -> str:
-    """Which samples each rank reads, as short JSON: every epoch one permutation of the training
-    samples (seed) cut into global batches, data rank d takes rows [d·b, (d+1)·b) of each; the
-    validation split in contiguous slices (hvdkit.core.sharding, which this layer may not import:
-    shard_eval's two lines are repeated below). Ranks of one model group (parallel.model > 1)
-    share a data rank."""
-    layout = backend.layout
-    b, size = recipe.batch_size, backend.size
-    n_val = _length(getattr(data, "x_val", None)) if hasattr(data, "x_val") else _length(getattr(data, "val", None))
-    ranks = {}
-    for r in range(min(size, _MAX_LAYOUT_RANKS)):
-        d = layout.data_rank(r)
-        entry: dict = {"data_rank": d, "batch_rows": [d * b, (d + 1) * b]}
-        if n_val:
-            per = -(-n_val // layout.data)
-            entry["val_rows"] = [d * per, min(n_val, (d + 1) * per)]
-        ranks[str(r)] = entry
-    doc = {"scheme": "each epoch: a permutation of the training samples (seed) in global batches; a rank takes "
-                     "batch_rows of each", "seed": recipe.seed, "global_batch": b * layout.data,
-           "uneven": recipe.data.uneven, "ranks": ranks}
-    if size > _MAX_LAYOUT_RANKS:
-        doc["more_ranks"] = size - _MAX_LAYOUT_RANKS
-    return json.dumps(doc, separators=(",", ":"))
-
-
-def _length(obj: Any) -> int | None:
-    try:
-        return len(obj) if obj is not None else None
-    except TypeError:  # a tf.data pipeline of unknown cardinality
-        return None
-
-
 def dataset_inputs(recipe: Any, data: Any, recipe_path: str | None, layout: str) -> list:
     """One dataset input per split, with its context tag; the training one also carries the layout."""
     from mlflow.entities import Dataset as DatasetEntity
@@ -223,4 +190,4 @@ def _schema(input_shape):
     return Schema([TensorSpec(np.dtype(np.float32), (-1, *[int(d) for d in input_shape]), "x")])
 
 
-__all__ = ["dataset_inputs", "log_model_and_data", "shard_layout"]
+__all__ = ["dataset_inputs", "log_model_and_data"]

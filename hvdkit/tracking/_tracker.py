@@ -94,7 +94,7 @@ class JobTracker:
         self._emit = rank_zero_only(world.rank)(self._emit_gather)
         self._system_points = 0  # readings this rank's sampler has put in a gather
         self._sampler: Any = None  # _system.HostSampler, on the one rank per host that samples it
-        self._sys_tagged: set[str] = set()  # rank 0: child refs already tagged with their sampled host
+        self._sys_tagged = False  # rank 0: the sampling ranks' child runs are tagged with their host
         self._started = False
         self._finished = False
         self._proc: Any = None
@@ -370,9 +370,8 @@ class JobTracker:
             # One queue item for all children, expanded into per-run events on the spool thread:
             # with 512 ranks, building 512 events here would cost rank 0 (and, through the next
             # collective, every rank) milliseconds per interval.
-            rows = self._thin_sparse(table[self._children])
-            self._tag_sampled_hosts(rows)
-            submit(ChildRows(rows, self._children, ts, step, self._skip, self._child_refs))
+            self._tag_sampled_hosts()
+            submit(ChildRows(self._thin_sparse(table[self._children]), self._children, ts, step, self._skip, self._child_refs))
         step_times = table[:, _STEP]
         metrics = [[keys.WORLD_SIZE, float(self.world.size), ts, step]]
         if keys.SAMPLES_PER_SEC not in self._skip:
@@ -405,20 +404,20 @@ class JobTracker:
             last[~same] = now[~same]
         return rows
 
-    def _tag_sampled_hosts(self, rows: np.ndarray) -> None:
-        """Rank 0: the first time a child run receives system metrics, tag it with the host they
-        describe (one point of a rank-<r> run's system/ keys is the whole host, not the rank)."""
+    def _tag_sampled_hosts(self) -> None:
+        """Rank 0, once per world: tag each sampling rank's child run with the host its system/
+        keys describe (a point there is the whole host, not the rank). Which ranks sample is
+        known from the hostnames alone (_system.sampler_ranks), as each rank decided it."""
         hosts = self.world.hostnames
-        if not hosts:
+        if self._sys_tagged or not hosts or not self.config.system_metrics_interval_s > 0:
             return
-        sampled = np.flatnonzero(~np.isnan(rows[:, _SYS:]).all(axis=1))
-        refs = self._child_refs or [f"rank{r}" for r in self._children]
-        for i in sampled.tolist():
-            ref, rank = refs[i], self._children[i]
-            if ref not in self._sys_tagged and rank < len(hosts):
-                self._sys_tagged.add(ref)
-                self._pending.append({"op": "log_batch", "ref": ref, "metrics": [],
-                                      "tags": {keys.TAG_SYSTEM_METRICS_HOST: hosts[rank]}})
+        from hvdkit.tracking._system import sampler_ranks
+
+        self._sys_tagged = True
+        refs = dict(zip(self._children, self._child_refs or [f"rank{r}" for r in self._children]))
+        for rank in sorted(sampler_ranks(hosts, self._children)):
+            self._pending.append({"op": "log_batch", "ref": refs[rank], "metrics": [],
+                                  "tags": {keys.TAG_SYSTEM_METRICS_HOST: hosts[rank]}})
 
     # -- system metrics -------------------------------------------------------------------
     def _samples_host(self) -> bool:
@@ -521,6 +520,7 @@ class JobTracker:
             self._child_refs = [child_refs[r] for r in self._children]
         self._last_step = step
         self._emit = rank_zero_only(world.rank)(self._emit_gather)
+        self._sys_tagged = False  # a new world: its sampling ranks' runs get their host tag
         self._update_sampler()
 
     def flush_interval(self) -> None:
