@@ -20,7 +20,7 @@ EXTRAS ?= torch,tensorflow,dev
 TORCH_PIP_ARGS ?=
 TORCH_REQ := $(shell grep -o 'torch==[0-9.]*' pyproject.toml | head -1)
 
-.PHONY: setup system-deps horovod demo test test-mlflow-oldest bench lint clean
+.PHONY: setup system-deps horovod demo test test-quick test-mlflow-oldest bench lint clean
 .DEFAULT_GOAL := demo
 
 setup: system-deps $(STAMP) horovod
@@ -52,20 +52,37 @@ demo: setup
 	@echo "  (then in MLflow: 'Model training', experiment hvdkit, the sweep run and its nested job and rank runs)"
 
 # `make test` runs the whole suite on the newest MLflow pyproject.toml admits (what pip picks for
-# .venv), then the tracking tests again on the oldest it admits, so the declared range is the
-# tested range. The second venv holds only MLflow (and what that version pins differently) and
-# sees the main venv's packages underneath it through a .pth file: torch, TensorFlow and Horovod
-# are not installed twice.
+# .venv), in three tiers (tests/_suite.py: unit, then job, then system; a unit failure stops it
+# before any process starts), then the tracking tests again on the oldest MLflow it admits, so the
+# declared range is the tested range, then one per-file time table over both passes
+# (docs/testing.md keeps the latest). The second venv holds only MLflow (and what that version pins
+# differently) and sees the main venv's packages underneath it through a .pth file: torch,
+# TensorFlow and Horovod are not installed twice.
 MLFLOW_OLDEST := $(shell grep -o '"mlflow>=[0-9.]*' pyproject.toml | head -1 | cut -d= -f2)
 OLDEST_VENV ?= .venv-mlflow-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.hvdkit-installed
-# (test_resume.py and test_server.py run on the newest only: their MLflow calls are the tracking tests'
-# own, and CI has 90 minutes)
-TRACKING_TESTS ?= tests/test_tracking_*.py tests/test_autolog.py tests/test_framework_autolog_plugins.py
+DURATIONS := .test-durations
+# On the oldest MLflow, the tests whose MLflow calls are their own: the store writes (the writer
+# and its apply process against real stores), MLflow's internals hvdkit reads, the context
+# provider as MLflow loads it, autolog, `hvdkit ui` (MLflow's server), and one real 2-rank job end
+# to end. The other job tests make the same calls through the same writer: newest only.
+E2E := tests/test_tracking_e2e.py
+TRACKING_TESTS ?= tests/test_tracking_job.py tests/test_tracking_spool.py tests/test_tracking_mlflow_private.py \
+  tests/test_tracking_context.py tests/test_tracking_apply_process.py tests/test_tracking_efficiency.py \
+  tests/test_autolog.py tests/test_framework_autolog_plugins.py \
+  "$(E2E)::test_two_rank_job_one_parent_two_children_every_key[torch]" \
+  $(E2E)::test_context_tags_on_a_plain_mlflow_script_under_horovodrun $(E2E)::test_ui_serves_the_store_and_prints_the_runs_page
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-mlflow-oldest
+	@rm -rf $(DURATIONS)
+	HVDKIT_TEST_DURATIONS=$(DURATIONS)/main.json $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HVDKIT_TEST_DURATIONS=$(DURATIONS)/oldest.json $(MAKE) --no-print-directory test-mlflow-oldest
+	@echo "== the slowest test files of both passes (make test)"
+	@$(BIN)/python tests/_durations.py $(DURATIONS)/main.json "MLflow $(MLFLOW_OLDEST)=$(DURATIONS)/oldest.json"
+
+# The edit-test loop: the unit tier and one real 2-rank job (tests/_suite.py, docs/testing.md).
+test-quick: setup
+	$(BIN)/python -m pytest -m "unit or quick" $(PYTEST_ARGS)
 
 $(OLDEST_STAMP): $(STAMP)
 	@test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, worker_env
+from conftest import REPO, sqlite_store, worker_env
 
 BRIDGE = "hvdkmh0"  # also the interface's name inside each namespace
 SUBNET = "10.77.0"
@@ -283,4 +283,4 @@ def _build(c: Cluster) -> None:
                 assert time.monotonic() < deadline, f"sshd on {SUBNET}.{octet} not listening"
                 time.sleep(0.1)
     c.env = worker_env(PATH=os.pathsep.join([str(bindir), worker_env()["PATH"]]),
-                       MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
+                       MLFLOW_TRACKING_URI=sqlite_store(tmp))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_until
 
 NODES = ("hvdkit-sl1", "hvdkit-sl2")
 PARTITION = "debug"
@@ -89,9 +89,31 @@ def wait_job(cluster: SlurmCluster, job_id: str, timeout: float, until: set[str]
     while info.get("JobState") not in until:
         if time.monotonic() > deadline:
             raise AssertionError(f"Slurm job {job_id} still {info.get('JobState')} after {timeout:.0f} s: {info}")
-        time.sleep(1)
+        time.sleep(0.25)  # a state poll is one scontrol call
         info = job_info(cluster, job_id)
     return info
+
+
+def wait_requeued(cluster: SlurmCluster, job_id: str, timeout: float = 120) -> dict[str, str]:
+    """After `scontrol requeue`: the job's state once its old run is gone (every process of it
+    ended): PENDING, or RUNNING again, or over."""
+    seen_leave = False  # RUNNING only counts once the old run was seen ending (COMPLETING)
+
+    def requeued():
+        nonlocal seen_leave
+        info = job_info(cluster, job_id)
+        state = info.get("JobState")
+        seen_leave = seen_leave or state != "RUNNING"
+        return info if state == "PENDING" or state in ENDED or (state == "RUNNING" and seen_leave) else None
+
+    return wait_until(requeued, timeout, f"Slurm job {job_id} requeued", interval=0.25)
+
+
+def start_now(cluster: SlurmCluster, job_id: str) -> None:
+    """A requeued job waits PENDING (Reason=BeginTime) for cred_expire + 1 s (121 s by default)
+    before Slurm starts it again: make it eligible at once. Call it once the job is PENDING: set
+    while it is still COMPLETING, the requeue overwrites the start time again."""
+    slurm(cluster, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
 def submitted_job_id(text: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ from bench._common import job_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def pytest_configure(config) -> None:
+    from _suite import Suite  # the tiers, their order and guard, the per-file time table
+
+    config.pluginmanager.register(Suite(), "hvdkit-suite")
 
 
 def pytest_addoption(parser) -> None:
@@ -46,9 +53,32 @@ def hvdkit(args: list[str], timeout: int = 600, cwd: Path | None = None, env: di
                           cwd=cwd or REPO, env=env or worker_env())
 
 
+def wait_until(condition, timeout: float = 30.0, what: str = "the condition", interval: float = 0.05):
+    """Poll ``condition()`` until it returns something truthy (returned) or ``timeout`` seconds pass
+    (AssertionError naming ``what``): the tests wait for a state, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def sqlite_store(directory: Path) -> str:
+    """A fresh, migrated MLflow sqlite store in ``directory`` (a copy of one made per session: a new
+    store's migrations cost seconds in every job that would otherwise create it)."""
+    try:
+        from test_tracking_support import sqlite_store as copy
+    except ImportError:  # tests/ made a package
+        from tests.test_tracking_support import sqlite_store as copy
+    return copy(directory)
+
+
 @pytest.fixture
 def sqlite_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return sqlite_store(tmp_path)
 
 
 _NOISE = ("oneDNN custom operations", "cpu_feature_guard", "To enable the following instructions", "absl::InitializeLog")

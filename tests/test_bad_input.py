@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO, hvdkit
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 
 def test_unknown_framework_lists_choices():
     res = hvdkit(["run", "recipes/digits.yaml", "--framework", "jax"])

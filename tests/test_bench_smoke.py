@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, hvdkit, worker_env
+from conftest import REPO, hvdkit, sqlite_store, worker_env
+
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
 
 RESULT_FIELDS = {"bench", "kind", "name", "unit", "median", "min", "max", "reps", "values", "goal", "ok"}
 
@@ -84,7 +86,7 @@ def test_hvdkit_bench_rejects_bad_reps():
 def test_parallelism_bench_quick_counts_what_a_split_saves(tmp_path):
     """np=2 data parallel against model parallel (M=2), tiny MLP [64, 64]: the split rank holds its
     slice and averages no gradients; the counts come from the jobs and their MLflow runs."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     res = subprocess.run([sys.executable, "-m", "bench", "parallelism", "--quick"], capture_output=True, text=True,
                          timeout=600, cwd=REPO, env=worker_env(TMPDIR=str(tmp_path), MLFLOW_TRACKING_URI=uri))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

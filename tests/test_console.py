@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import explain, hvdkit, worker_env
+from conftest import explain, hvdkit, sqlite_store, wait_until, worker_env
 from test_tracking_support import job_runs
 from hvdkit.launch import _console
 from hvdkit.tracking import keys
@@ -100,7 +100,7 @@ def test_relay_thread_ends_with_the_job_even_if_a_grandchild_holds_the_pipe(tmp_
     os.write(w1, "[0]<stdout>:héllo\n[1]<stdout>:hidden\n".encode())
     os.write(w2, b"[0]<stderr>:no newline at the end")
     os.close(w2)  # stderr ends; stdout stays open, as a left-behind grandchild would keep it
-    time.sleep(0.3)
+    wait_until(lambda: "héllo" in out.getvalue() and err.getvalue(), 30, "the relay reading both pipes")
     t0 = time.monotonic()
     relay.finish()
     assert time.monotonic() - t0 < 2.0
@@ -115,7 +115,7 @@ def test_relay_thread_ends_with_the_job_even_if_a_grandchild_holds_the_pipe(tmp_
 @pytest.fixture(scope="module")
 def digits_job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     t0 = time.monotonic()
     res = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "steps=40", f"checkpoint.dir={tmp / 'ck'}"],
                  env=worker_env(MLFLOW_TRACKING_URI=uri, XDG_CACHE_HOME=str(tmp / "cache")))

@@ -113,6 +113,7 @@ def test_sources_in_mlflows_order(tmp_path):
     assert "holds no mlflow_tracking_password" in C.find_source({C.ENV_FILE: str(nopw)}).describe()
 
 
+@pytest.mark.job
 def test_use_credentials_points_mlflow_at_the_named_file_and_says_so(tmp_path):
     """In a fresh process (the choice is made once per process): MLflow's own reader returns the
     file's user and password, the environment holds no password, one line names the file."""
@@ -157,6 +158,7 @@ def test_spool_stores_the_uri_masked_and_sync_gets_it_back_from_the_environment(
 
 
 # -- doctor and ui -------------------------------------------------------------------------------
+@pytest.mark.job
 def test_doctor_masks_the_password(monkeypatch):
     from hvdkit import doctor
 
@@ -236,6 +238,7 @@ def test_multi_host_job_with_a_password_in_the_tracking_uri_is_refused(monkeypat
     assert "MLFLOW_TRACKING_URI" not in env
 
 
+@pytest.mark.job
 def test_horovod_runner_ssh_checks_host_keys_and_env_lines_name_no_secret(monkeypatch):
     """The shim's patches, applied in a fresh process as hvdkit._horovodrun applies them: every ssh
     Horovod builds (checks, task servers, ranks) checks host keys; a rank's `env ...` line holds no

@@ -14,6 +14,8 @@ from hvdkit.core.data import digits
 from hvdkit.core.files import FORMAT, ShardFolder, ShardedSplit, synthetic_splits, write_shards
 from hvdkit.errors import RecipeError
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 
 @pytest.fixture(scope="module")
 def digits_folders(tmp_path_factory) -> dict[str, Path]:

@@ -154,6 +154,7 @@ def test_epochs_reshuffle_and_uneven_lengths_end_without_a_hang(tmp_path, framew
     assert sum((seen["0"] + seen["1"]).values()) == 64
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("framework, pipeline", [("torch", "tf"), ("tensorflow", "torch")])
 def test_a_pipeline_of_the_other_framework_is_refused(tmp_path, framework, pipeline):
     res, _, _ = _run(tmp_path, framework, pipeline, 64)

@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, explain, hvdkit
+from conftest import REPO, explain, hvdkit, sqlite_store
 from test_recipes_run import PLAIN_SGD, _only_checkpoint, _weights
+
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_a_folder_four_times_the_rss_budget_trains_under_it(tmp_path):
     assert res.returncode == 0, explain(res)
     size = sum(f.stat().st_size for f in folder.iterdir())
     assert size >= 4 * budget_mib * 2**20, size
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     from conftest import worker_env
 
     res = hvdkit(["run", "recipes/digits.yaml", "-np", "2", "--framework", "torch", "data.name=files",
@@ -112,7 +114,7 @@ def test_a_bad_shard_folder_fails_before_launch(tmp_path, damage, needle):
 def test_example_recipe_trains_from_files(tmp_path, framework):
     """recipes/digits_files_{torch,tf}.py: the framework's own pipeline over a shard folder, with
     bf16, clipping, a cosine schedule, label smoothing and early stopping: val_accuracy >= 0.95."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     from conftest import worker_env
 
     res = hvdkit(["run", str(REPO / f"recipes/digits_files_{framework}.py"), "-np", "2", "log.progress=false",

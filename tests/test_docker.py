@@ -21,6 +21,8 @@ import yaml
 
 from conftest import BIN, REPO
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))  # what `make lint` lints too
 IMAGE = "hvdkit-cpu:0.1.0"

@@ -10,6 +10,8 @@ import pytest
 from conftest import REPO, explain, hvdkit
 from hvdkit.core.early_stopping import EarlyStopping
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 
 def test_patience_counts_evaluations_without_improvement():
     acc = EarlyStopping("val_accuracy", patience=2, min_delta=0.01)

@@ -10,6 +10,7 @@ from hvdkit.errors import LaunchError
 from hvdkit.tracking._membership import Worker, decode_workers, encode_worker, initial_record, plan_change
 
 
+@pytest.mark.job
 def test_hostfile_discovery_reads_the_file_each_time(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# the cluster\nnode1 slots=2\nnode2\n\nnode3:4\nnode4  slots = 3  # spare\n")
@@ -21,6 +22,7 @@ def test_hostfile_discovery_reads_the_file_each_time(tmp_path):
     assert launch.discover(command) == []
 
 
+@pytest.mark.job
 def test_discovery_output_is_checked(tmp_path):
     script = tmp_path / "discover.sh"
     script.write_text("#!/bin/sh\necho 'node1:two'\n")

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, worker_env
+from conftest import REPO, sqlite_store, worker_env
 from hvdkit.tracking import keys
 
 pytest.importorskip("horovod.torch")
+
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
 
 SCRIPT = """
 import torch
@@ -50,7 +52,8 @@ def _dist_info(root: Path, name: str, entry_points: str) -> None:
 def _run(tmp_path: Path, site: Path, **extra: str) -> subprocess.CompletedProcess:
     script = tmp_path / "plain.py"
     script.write_text(SCRIPT)
-    env = worker_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", **extra)
+    db = tmp_path / "mlflow.db"
+    env = worker_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}" if db.exists() else sqlite_store(tmp_path), **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env=env)

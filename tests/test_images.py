@@ -31,7 +31,7 @@ import pytest
 
 from conftest import BIN, REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 IMAGE = "hvdkit-cpu:0.1.0"
 POSTGRES_STANDIN = "localhost/hvdkit-postgres-standin:15"

@@ -441,6 +441,7 @@ def test_training_credentials_come_from_a_file(objects):
         assert (mode | 0o440) & 0o027 == 0 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
 
 
+@pytest.mark.system
 def test_mlflow_logs_in_to_postgres_as_an_ordinary_role(objects):
     pg = _one(objects, "StatefulSet", "mlflow-postgres")
     pg_pod = pg["spec"]["template"]["spec"]
@@ -495,6 +496,7 @@ def _pg_bin() -> Path | None:
     return found[-1].parent if found and int(found[-1].parts[-3]) >= 15 else None  # \getenv: psql >= 15
 
 
+@pytest.mark.system
 @pytest.mark.skipif(os.geteuid() != 0 or _pg_bin() is None, reason="needs root and PostgreSQL >= 15 (.ci/postgres installs it)")
 def test_init_script_creates_the_role_on_a_real_server(objects):
     """The ConfigMap's script, run the way the official image runs it (as the superuser, local socket)."""

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 BLOCK = textwrap.dedent("""
     import importlib.abc, sys
     class NoFrameworks(importlib.abc.MetaPathFinder):

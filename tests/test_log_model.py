@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, explain, hvdkit, worker_env
+from conftest import REPO, explain, hvdkit, sqlite_store, worker_env
 
 pytestmark = pytest.mark.horovod
 
@@ -21,7 +21,7 @@ def _job(tmp: Path, framework: str, *overrides: str) -> dict:
     """One np=2 digits job on its own sqlite store; its parent run, logged models and marks."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     res = hvdkit(["run", str(REPO / DIGITS), "-np", "2", "--framework", framework, *QUICK,
                   f"checkpoint.dir={tmp / 'ck'}", "--summary-json", str(tmp / "summary.json"), *overrides],
                  cwd=tmp, env=worker_env(MLFLOW_TRACKING_URI=uri), timeout=300)

@@ -14,7 +14,7 @@ import pytest
 from _netns import SUBNET, Cluster, leftovers as _leftovers, netns_cluster
 from conftest import REPO, hvdkit
 
-pytestmark = pytest.mark.horovod
+pytestmark = [pytest.mark.system, pytest.mark.horovod]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ STEPS_DEAD = 1500  # ~35 s of training
 CLOSE_TIMEOUT_S = 30.0  # TrackingConfig.close_timeout_s: what a dead store may add to a job's end
 PARENT_KEYS = {keys.WORLD_SIZE, keys.SAMPLES_PER_SEC, keys.LOSS, keys.STRAGGLER_RATIO}
 
-pytestmark = [pytest.mark.slow, pytest.mark.horovod]
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.horovod]
 
 
 

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from conftest import BIN, REPO, explain, hvdkit, worker_env
+from conftest import BIN, REPO, explain, hvdkit, sqlite_store, worker_env
 
 pytestmark = [pytest.mark.horovod]
 
@@ -68,7 +68,7 @@ def _plain_accuracy(path) -> float:
 def hybrid(tmp_path_factory):
     """The 2x2 hybrid: np=4, parallel.model=2, tracked in a sqlite store."""
     tmp = tmp_path_factory.mktemp("hybrid")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     t0 = time.monotonic()
     res = hvdkit(["run", DIGITS, "-np", "4", *FAST, "parallel.model=2", "epochs=8", f"checkpoint.dir={tmp / 'ck'}",
                   "--summary-json", str(tmp / "summary.json")], cwd=tmp, env=worker_env(MLFLOW_TRACKING_URI=uri))
@@ -103,8 +103,10 @@ def test_hybrid_2x2_reaches_95_percent(hybrid):
     assert job and all(math.isclose(v, sum(r[s] for r in ranks) / 2, rel_tol=1e-12) for s, v in job.items()), (job, ranks)
     # the built-in MLP [256, 128] split in 2: 64*128+128 (column) + 128*128+128 (row, bias whole) + 128*10+10
     assert {c.data.metrics["parameters"] for c in children} == {64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10}
-    # sparse: its last point is within 1 MiB of the true peak, which is at least the last RSS
-    assert all(c.data.metrics["peak_rss_mb"] >= c.data.metrics["rss_mb"] - 1 > 0 for c in children), [c.data.metrics for c in children]
+    # sparse: its last point is within 1 MiB of the true peak, which is at least the last RSS, give
+    # or take the kernel's per-thread RSS counters (/proc and getrusage fold them in at different
+    # times: seen 0.05 MiB over, in a full run)
+    assert all(c.data.metrics["peak_rss_mb"] >= c.data.metrics["rss_mb"] - 1.5 > 0 for c in children), [c.data.metrics for c in children]
     # counted: each rank averages its 4-byte parameters with the other copy's same slice every step
     assert summary["comm_bytes"]["gradient_per_step"] == 4 * (64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10)
     assert summary["comm_bytes"]["layer_total"] > 0
@@ -149,7 +151,7 @@ def _rank_process(root_pid: int, rank: int):
 
 def test_split_job_resumes_from_its_gathered_checkpoint(tmp_path):
     """np=2 model=2 killed after its second checkpoint; --resume continues split from it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     ck = tmp_path / "ck"
     job = [DIGITS, "-np", "2", *FAST, "parallel.model=2", "epochs=4", "checkpoint.every_epochs=1", f"checkpoint.dir={ck}"]
     env = worker_env(MLFLOW_TRACKING_URI=uri)
@@ -189,7 +191,7 @@ def test_split_job_resumes_from_its_gathered_checkpoint(tmp_path):
     (["-np", "4", "parallel.model=4", "model.hidden=[2,128]"], "larger than model.hidden[0]"),
 ], ids=["np3-model2", "width-not-divisible", "model-wider-than-layer"])
 def test_bad_layout_is_refused_before_launch(tmp_path, args, expected):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     t0 = time.monotonic()
     res = hvdkit(["run", DIGITS, *FAST, *args, f"checkpoint.dir={tmp_path / 'ck'}"], cwd=tmp_path,
                  env=worker_env(MLFLOW_TRACKING_URI=uri), timeout=120)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import BIN, REPO, explain, hvdkit, worker_env
+from conftest import BIN, REPO, explain, hvdkit, sqlite_store, worker_env
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
@@ -74,7 +74,7 @@ def _val_accuracy(uri, run_id) -> float:
 def reference(tmp_path_factory):
     """The same training, uninterrupted."""
     tmp = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     res = hvdkit(["run", *JOB, "-np", "2", f"checkpoint.dir={tmp / 'ck'}"], cwd=tmp, env=worker_env(MLFLOW_TRACKING_URI=uri))
     assert res.returncode == 0, explain(res)
     (job,) = (tmp / "ck").iterdir()
@@ -86,7 +86,7 @@ def killed(tmp_path_factory):
     """A job whose rank 1 is SIGKILLed right after the job's third checkpoint; a pristine copy
     of its folder is kept for the refusal cases (the resume test changes the original)."""
     tmp = tmp_path_factory.mktemp("killed")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     ck = tmp / "ck"
     proc = subprocess.Popen([str(BIN / "hvdkit"), "run", *JOB, "-np", "2", f"checkpoint.dir={ck}"], cwd=tmp,
                             env=worker_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -206,7 +206,7 @@ def test_resume_finishes_the_killed_job_in_the_same_runs(killed, reference):
 
 def test_digits_scaling_sweep_with_checkpoints(tmp_path):
     """The headline that failed: np=1 wrote checkpoints, np=2 "resumed" them and trained nothing."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     res = hvdkit(["scale", str(REPO / "recipes/digits.yaml"), "--np", "1,2", "epochs=2", "log.progress=false",
                   f"checkpoint.dir={tmp_path / 'ck'}"], cwd=tmp_path, env=worker_env(MLFLOW_TRACKING_URI=uri))
     assert res.returncode == 0, explain(res)

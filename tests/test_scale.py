@@ -22,6 +22,8 @@ try:
 except ImportError:  # tests/ made a package
     from tests.test_tracking_support import job_runs, sqlite_store
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 DIGITS = str(REPO / "recipes" / "digits.yaml")
 QUICK = ["epochs=2", "log.progress=false", "checkpoint.dir=null"]
 NOISE = ("oneDNN", "absl::", "cpu_feature_guard", "To enable the following")

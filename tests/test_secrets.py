@@ -25,7 +25,7 @@ from _netns import LAUNCHER_IP, SUBNET, Cluster, leftovers, netns_cluster, ns_na
 from _server import Server, drop_database, free_port, launch, postgres_uri, session_pids, stop, wait_healthy
 from conftest import REPO, hvdkit
 
-pytestmark = pytest.mark.horovod
+pytestmark = [pytest.mark.system, pytest.mark.horovod]
 
 EXPERIMENT = "secrets-test"
 HOSTS = f"{SUBNET}.2:1,{SUBNET}.3:1"

@@ -17,6 +17,8 @@ from _server import SERVER, Server, drop_database as _drop_database, free_port a
     listening as _listening, postgres_uri as _postgres_uri, session_pids as _session_pids, stop as _stop, wait_healthy
 from conftest import REPO, hvdkit, worker_env
 
+pytestmark = pytest.mark.system  # tests/_suite.py's third tier
+
 EXPERIMENT = "server-test"
 
 

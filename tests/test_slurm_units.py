@@ -15,6 +15,8 @@ import pytest
 
 from conftest import BIN, REPO, hvdkit, worker_env
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 DIGITS = str(REPO / "recipes" / "digits.yaml")
 
 # Prints the nodes of the two node lists the tests use, as `scontrol show hostnames` does.

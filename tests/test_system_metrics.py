@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, hvdkit, worker_env
+from conftest import REPO, hvdkit, wait_until, worker_env
 from hvdkit.tracking import _system, keys
 from hvdkit.tracking._events import ChildRows
 
@@ -64,9 +64,8 @@ def test_fresh_reading_at_the_jobs_end_does_not_wait_for_the_interval():
 def test_host_sampler_with_real_psutil():
     sampler = _system.HostSampler(0.2)
     try:
-        time.sleep(0.9)
+        wait_until(lambda: sampler.samples >= 2, 30, "two samples at 0.2 s")
         assert sampler.alive
-        assert sampler.samples >= 2
         s = sampler.latest()
         assert s is not None and s.shape == (len(keys.SYSTEM_VECTOR),)
         assert sampler.latest() is None  # handed out once: the next gather gets NaN, not a repeat
@@ -84,10 +83,8 @@ def test_host_sampler_with_real_psutil():
             assert np.isfinite(gpu[: 3 * sampler.gpus]).all()
     finally:
         sampler.close()
-    assert not sampler.alive  # close() joined the thread
-    taken = sampler.samples
-    time.sleep(0.5)
-    assert sampler.samples == taken
+    assert not sampler.alive  # close() joined the thread: no sample can follow
+    assert not sampler._thread.is_alive()
     sampler.close()  # idempotent
 
 
@@ -184,7 +181,7 @@ def test_tracker_samples_on_its_hosts_first_rank_and_follows_membership_changes(
     t = JobTracker(cfg, world, gather, lambda obj: {"run_id": "r", "job_id": "j"}, NullWriter(), None)
     t.start({}, {})
     assert t._sampler is not None and t._sampler.alive
-    time.sleep(0.7)
+    wait_until(lambda: t._sampler.samples >= 1, 30, "the sampler's first reading")
     step = dict(samples=32, step_time_s=0.01, data_time_s=0.0, comm_wait_s=0.0, loss=1.0)
     t.record_step(1, **step)
     t.record_step(2, **step)
@@ -276,6 +273,7 @@ def test_interval_0_logs_no_system_metrics(tmp_path, sampled_job):
     assert set(sampled_job[1][keys.ROLE_PARENT].data.metrics) == set(runs[keys.ROLE_PARENT].data.metrics)
 
 
+@pytest.mark.job
 def test_bad_interval_is_refused_before_any_job(tmp_path):
     res = hvdkit(["run", DIGITS, "-np", "2", "--no-track", "log.system_metrics_interval_s=-1"], cwd=tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 pytest.importorskip("tensorflow")
 pytest.importorskip("horovod.tensorflow")
 
@@ -110,6 +112,7 @@ def np1_reference(tmp_path_factory) -> list[np.ndarray]:
     return model_weights(res["summary"]["checkpoint"])
 
 
+@pytest.mark.job
 def test_averaged_gradient_formula_matches_np1(tmp_path, np1_reference):
     """g = (1/p) Σ g_i: np=2 × batch 16 gives the weights of np=1 × batch 32 on the same samples."""
     res = run_job(tmp_path, _formula_recipe(16, tmp_path / "ckpt"))

@@ -18,6 +18,7 @@ from hvdkit.core.data import digits  # noqa: E402
 from hvdkit.recipe import Recipe  # noqa: E402
 
 
+@pytest.mark.job
 def test_import_is_lazy():
     code = ("import sys, hvdkit.tensorflow as t; "
             "print('tensorflow' in sys.modules, 'keras' in sys.modules, callable(t.make_backend))")

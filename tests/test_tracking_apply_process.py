@@ -11,6 +11,7 @@ import signal
 import time
 
 import psutil
+import pytest
 from mlflow import MlflowClient
 
 from hvdkit.tracking import sync_spool
@@ -18,10 +19,15 @@ from hvdkit.tracking._apply_process import NICE
 from hvdkit.tracking._spool import Spool
 from hvdkit.tracking._writer import SpoolWriter
 
+from conftest import wait_until
+
 try:
     from test_tracking_support import sqlite_store
 except ImportError:  # tests/ made a package
     from tests.test_tracking_support import sqlite_store
+
+
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
 
 
 def _create(ref: str, parent: str | None = None) -> dict:
@@ -70,7 +76,8 @@ def test_a_killed_child_loses_nothing(tmp_path, capsys, caplog):
     while w._applied < 2 and time.monotonic() < deadline:  # the first window is in
         time.sleep(0.05)
     os.kill(w._applier.pid, signal.SIGKILL)
-    time.sleep(0.5)
+    child = psutil.Process(w._applier.pid)  # dead once a zombie (its parent, the writer, reaps it)
+    wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 30, "the killed child's end")
     w.submit(_losses("parent", range(51, 101)))  # after the child died: spooled, not applied
     report = w.close(5)
     assert report.spooled == 3 and report.pending >= 1

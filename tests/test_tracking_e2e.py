@@ -34,6 +34,8 @@ try:
 except ImportError:  # tests/ made a package
     from tests.test_tracking_support import job_runs, sqlite_store
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 DIGITS = str(REPO / "recipes" / "digits.yaml")
 QUICK = ["epochs=2", "log.progress=false", "checkpoint.dir=null"]
 LOG_EVERY = 10
@@ -70,7 +72,7 @@ def _summary_steps(stdout: str) -> int:
 
 # -- the layout of a job, per framework --------------------------------------------------------
 @pytest.mark.horovod
-@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+@pytest.mark.parametrize("framework", [pytest.param("torch", marks=pytest.mark.quick), "tensorflow"])  # quick: make test-quick's job
 def test_two_rank_job_one_parent_two_children_every_key(tmp_path, framework):
     uri = sqlite_store(tmp_path)
     res = hvdkit(["run", DIGITS, "-np", "2", "--framework", framework, "--log-every", str(LOG_EVERY), *QUICK],
@@ -112,14 +114,15 @@ def test_two_rank_job_one_parent_two_children_every_key(tmp_path, framework):
 
 # -- the context provider on a plain mlflow script --------------------------------------------
 PLAIN_SCRIPT = """
-import os, time
+import os
 import mlflow
+from filelock import FileLock
 
 rank = int(os.environ["HOROVOD_RANK"])
-time.sleep(1.5 * rank)  # one sqlite writer at a time
-mlflow.set_experiment("plain")
-with mlflow.start_run(run_name=f"plain-{rank}"):
-    mlflow.log_metric("x", float(rank))
+with FileLock(os.environ["STORE_LOCK"]):  # one sqlite writer at a time
+    mlflow.set_experiment("plain")
+    with mlflow.start_run(run_name=f"plain-{rank}"):
+        mlflow.log_metric("x", float(rank))
 """
 
 
@@ -129,7 +132,8 @@ def test_context_tags_on_a_plain_mlflow_script_under_horovodrun(tmp_path):
     MlflowClient(tracking_uri=uri).create_experiment("plain")  # created once, not raced by the ranks
     script = tmp_path / "plain.py"
     script.write_text(textwrap.dedent(PLAIN_SCRIPT))
-    res = horovodrun([sys.executable, str(script)], np=2, cwd=tmp_path, env=worker_env(MLFLOW_TRACKING_URI=uri))
+    res = horovodrun([sys.executable, str(script)], np=2, cwd=tmp_path,
+                     env=worker_env(MLFLOW_TRACKING_URI=uri, STORE_LOCK=str(tmp_path / "store.lock")))
     assert res.returncode == 0, _tail(res)
     runs = job_runs(MlflowClient(tracking_uri=uri), "plain")
     assert sorted(r.info.run_name for r in runs) == ["plain-0", "plain-1"]

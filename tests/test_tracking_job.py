@@ -30,6 +30,8 @@ try:
 except ImportError:  # tests/ made a package
     from tests.test_tracking_support import FakeWorld, finish_all, job_runs, sqlite_store, start_all, step_all, step_values
 
+pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
+
 LOG_EVERY = 5
 STEPS = 22  # gathers at 5, 10, 15, 20 and the partial interval flushed by finish() at 22
 GATHER_STEPS = [5, 10, 15, 20, 22]

@@ -198,6 +198,7 @@ def test_default_path_is_the_public_client_and_the_bulk_insert_an_opt_in(tmp_pat
     assert [m.step for m in hist] == [1, 2] and math.isnan(hist[1].value)
 
 
+@pytest.mark.job
 def test_import_survives_mlflow_internals_that_moved():
     # Every private name hvdkit reaches for, gone (MLflow itself imported first, as it needs
     # them): importing the tracking layer and checking names still works, on the fallbacks.

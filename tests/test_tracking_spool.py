@@ -54,6 +54,7 @@ def _offline_job(tmp_path, monkeypatch, steps=12):
     return trackers
 
 
+@pytest.mark.job
 def test_unreachable_store_spools_and_sync_replays_once(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     trackers = _offline_job(tmp_path, monkeypatch)
@@ -89,6 +90,7 @@ def test_unreachable_store_spools_and_sync_replays_once(tmp_path, monkeypatch, c
     assert _snapshot(client) == snap
 
 
+@pytest.mark.job
 def test_replay_after_a_crash_mid_sync_creates_nothing_twice(tmp_path, monkeypatch):
     """The worst case: the state file lost both the cursor and the run ids after the runs were
     created and the metrics written. The replay finds the runs by tag and MLflow dedups the

@@ -36,7 +36,7 @@ TIMEOUT_MS = 60_000  # generous: CI machines are small and busy
 EXPAND = 'button[data-component-id$="runnamecellrenderer.tsx_46"]'
 COLLAPSED = EXPAND + ':has(path[d^="M7.25 7.25V4.5"])'
 
-pytestmark = [pytest.mark.horovod, pytest.mark.slow]
+pytestmark = [pytest.mark.system, pytest.mark.horovod, pytest.mark.slow]
 
 
 def _browser_missing() -> str | None:

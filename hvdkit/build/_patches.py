@@ -115,6 +115,43 @@ PATCHES: tuple[SourcePatch, ...] = (
         ),
         why="xla_mpi_ops.cc fails to compile against TF 2.21 headers and is only used for GPU XLA.",
     ),
+    SourcePatch(
+        name="torch-wait-without-spinning",
+        path="horovod/torch/mpi_ops_v2.cc",
+        old=(
+            "void WaitAndClear(int handle) {\n"
+            "  while (true) {\n"
+            "    if (handle_manager.PollHandle(handle)) break;\n"
+            "    {\n"
+            "      py::gil_scoped_release release_python_gil;\n"
+            "      std::this_thread::yield();\n"
+            "    }\n"
+            "  }\n"
+        ),
+        new=(
+            "void WaitAndClear(int handle) {\n"
+            "  // hvdkit: yield as before for a collective's usual wait, then poll every 100 us: a rank\n"
+            "  // waiting seconds (for rank 0's checkpoint or run creation) no longer takes a whole core.\n"
+            "  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(10);\n"
+            "  while (true) {\n"
+            "    if (handle_manager.PollHandle(handle)) break;\n"
+            "    {\n"
+            "      py::gil_scoped_release release_python_gil;\n"
+            "      if (std::chrono::steady_clock::now() < spin_until) {\n"
+            "        std::this_thread::yield();\n"
+            "      } else {\n"
+            "        std::this_thread::sleep_for(std::chrono::microseconds(100));\n"
+            "      }\n"
+            "    }\n"
+            "  }\n"
+        ),
+        why=(
+            "hvd.synchronize() (every torch collective: the optimizer's allreduces, broadcast_object) "
+            "spins in sched_yield until the operation completes, so a rank that waits seconds burns a "
+            "core: on a host whose cores are all in use, it takes them from the process it waits for "
+            "(rank 0's MLflow writer at nice 19 starved behind it: the tracker's start took 7 s)."
+        ),
+    ),
 )
 
 

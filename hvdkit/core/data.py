@@ -3,7 +3,9 @@ Python recipe's own pipeline. Nothing is downloaded, ever."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -131,13 +133,32 @@ def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int, num_cla
     return ArrayDataset(x[train], y[train], x[val], y[val], num_classes)
 
 
-def digits(val_fraction: float, seed: int) -> ArrayDataset:
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images, shipped inside the package)."""
-    from sklearn.datasets import load_digits
+def digits_csv() -> Path | None:
+    """The CSV scikit-learn ships its 8x8 digits in, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")  # a top-level find_spec imports nothing
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
 
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]  # (N, 8, 8, 1), in [0, 1]
-    return _split(x, d.target.astype(np.int64), val_fraction, seed, 10)
+
+def digits(val_fraction: float, seed: int) -> ArrayDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, shipped inside the package).
+
+    Read as ``load_digits`` reads them (one CSV row an image, the label last), but without importing
+    scikit-learn: that import is over a second of every rank's start (docs/testing.md)."""
+    path = digits_csv()
+    if path is None:
+        from sklearn.datasets import load_digits  # the file moved: scikit-learn knows where
+
+        d = load_digits()
+        images, target = d.images, d.target
+    else:
+        rows = np.loadtxt(path, delimiter=",")
+        images, target = rows[:, :-1].reshape(-1, 8, 8), rows[:, -1]
+    x = (images.astype(np.float32) / 16.0)[..., None]  # (N, 8, 8, 1), in [0, 1]
+    return _split(x, target.astype(np.int64), val_fraction, seed, 10)
 
 
 def synthetic(num_samples: int, image_size: int, channels: int, num_classes: int, val_fraction: float, seed: int) -> ArrayDataset:

@@ -27,6 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from hvdkit.tracking import _sqlfast, keys
+from hvdkit.tracking._apply_outcome import ApplyStats, StoreUnavailable
 from hvdkit.tracking._mlflow_private import batch_limits
 from hvdkit.tracking._spool import Event, Spool, TargetState
 from hvdkit.tracking._sqlfast import SqliteBulkMetrics
@@ -41,10 +42,6 @@ _PERMANENT = frozenset(
 )
 # A REST log_batch request is capped at 1 MB of JSON; params/tags can be 6-8 kB each.
 _MAX_BATCH_BYTES = 800_000
-
-
-class StoreUnavailable(Exception):
-    """The store failed in a way a later retry may not; the cursor was not advanced."""
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -85,12 +82,6 @@ def _chunks(p: _Pending):
         take_m = metrics[mi : mi + room]
         mi += len(take_m)
         yield take_m, take_p, take_t
-
-
-@dataclass
-class ApplyStats:
-    applied: int = 0  # events applied by this applier
-    dropped: int = 0  # items a store rejected for good (logged once each kind)
 
 
 class Applier:

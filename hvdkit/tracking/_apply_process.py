@@ -30,7 +30,7 @@ import subprocess
 import sys
 from typing import IO, Any
 
-from hvdkit.tracking._apply import ApplyStats, StoreUnavailable
+from hvdkit.tracking._apply_outcome import ApplyStats, StoreUnavailable
 
 # The lowest priority: on a host whose cores all train (np=2 on 2 cores here) the child runs when a
 # rank waits and catches up at the job's end; on a host with a spare core it keeps the store current.
@@ -39,6 +39,7 @@ from hvdkit.tracking._apply import ApplyStats, StoreUnavailable
 # better than nice 19 (0.910 against 0.901, alternated) and can starve the store (docs/benchmarks.md).
 NICE = 19
 _ENV_TARGET = "HVDKIT_APPLY_TARGET_URI"
+_EXIT_STATUS_WAIT_S = 5.0  # after the pipe closed: the child is exiting
 
 
 class ApplyProcessFailed(RuntimeError):
@@ -117,7 +118,11 @@ class ApplierProcess:
             self._proc.stdout.close()
 
     def _gone(self) -> str:
-        rc = self._proc.poll()
+        # The pipe reads EOF a moment before the kernel has the exit status: wait for it, bounded.
+        try:
+            rc: int | None = self._proc.wait(_EXIT_STATUS_WAIT_S)
+        except subprocess.TimeoutExpired:
+            rc = None
         return f"the apply process (pid {self._proc.pid}) exited" + (f" with code {rc}" if rc is not None else "")
 
 

@@ -99,6 +99,12 @@ def validate(config: TrackingConfig, world: World) -> None:
             f"World.hostnames has {len(world.hostnames)} entries for {world.size} ranks",
             fix="gather one hostname per rank",
         )
+
+
+def validate_experiment(config: TrackingConfig) -> None:
+    """MLflow's rule for the experiment name. Rank 0 checks it in ``JobTracker.start`` and shares the
+    error, so every rank fails alike; the rule imports MLflow, which the other ranks never need
+    (over a second of a rank's start: docs/testing.md)."""
     from hvdkit.tracking._mlflow_private import experiment_name_problem
 
     problem = experiment_name_problem(config.experiment)
@@ -106,4 +112,4 @@ def validate(config: TrackingConfig, world: World) -> None:
         raise TrackingError(f"experiment name {config.experiment!r}: {problem}", fix="pick another name")
 
 
-__all__ = ["STATUSES", "TrackingConfig", "sampling", "validate"]
+__all__ = ["STATUSES", "TrackingConfig", "sampling", "validate", "validate_experiment"]

@@ -170,9 +170,9 @@ def _array_source(recipe: Any, recipe_path: str | None):
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     if recipe.data.name == "digits":
-        spec = importlib.util.find_spec("sklearn.datasets")  # the copy scikit-learn ships (load_digits)
+        spec = importlib.util.find_spec("sklearn")  # the copy scikit-learn ships (load_digits); imports nothing
         if spec is not None and spec.origin:
-            return LocalArtifactDatasetSource(str(Path(spec.origin).parent / "data" / "digits.csv.gz"))
+            return LocalArtifactDatasetSource(str(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"))
     what = f"synthetic(seed={recipe.seed})" if recipe.data.name == "synthetic" else "build_data"
     return _code_source(recipe_path, what)
 

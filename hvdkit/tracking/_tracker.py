@@ -23,7 +23,7 @@ import numpy as np
 
 from hvdkit.errors import TrackingError, UsageError
 from hvdkit.tracking import _runs, keys
-from hvdkit.tracking._config import STATUSES, TrackingConfig, sampling
+from hvdkit.tracking._config import STATUSES, TrackingConfig, sampling, validate_experiment
 from hvdkit.tracking._events import Batch, ChildRows
 from hvdkit.tracking._rank import NullWriter, rank_zero_only
 from hvdkit.tracking._spool import Spool, now_ms
@@ -122,12 +122,14 @@ class JobTracker:
         """Create the runs (rank 0) and share the parent run id. A collective (one broadcast)."""
         if self._started:
             raise UsageError("JobTracker.start() called twice", fix="call start() once per job")
-        # Checked on every rank, so a bad name fails everywhere instead of hanging the broadcast.
-        flat = flatten_params(params)
-        user_tags = clean_tags(tags)
         run_id = error = None
         if self.world.rank == 0:
             try:
+                # Names checked on rank 0 alone (MLflow's rules: an import of MLflow the other ranks
+                # need not pay); a bad one is shared below, so it fails every rank instead of hanging one.
+                validate_experiment(self.config)
+                flat = flatten_params(params)
+                user_tags = clean_tags(tags)
                 self._check_baseline(user_tags)
                 run_id = self._create_runs(flat, user_tags)
             except TrackingError as exc:

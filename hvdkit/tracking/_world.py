@@ -32,18 +32,18 @@ class World:
           travel as fixed-width bytes, so the numeric gather the tracker uses anyway suffices;
         * anything else (a broadcast) tells only rank 0's name: ``hostnames`` is left empty.
         """
-        from hvdkit.tracking import context
+        from hvdkit.tracking import _launch_env
 
         env = os.environ
-        launch = context._launch()
+        launch = _launch_env._launch()
         local_rank, local_size = 0, 1
         if launch is not None:
             _, (_, _, lr_var, ls_var) = launch
-            local_rank = int(context.launch_value(env, lr_var) or 0)
-            local_size = int(context.launch_value(env, ls_var) or 1)
+            local_rank = int(_launch_env.launch_value(env, lr_var) or 0)
+            local_size = int(_launch_env.launch_value(env, ls_var) or 1)
         hostnames: list[str] = []
         if exchange is not None:
-            me = context.rank_hostname(env).encode()[:HOSTNAME_BYTES]  # an srun task: its Slurm node
+            me = _launch_env.rank_hostname(env).encode()[:HOSTNAME_BYTES]  # an srun task: its Slurm node
             buf = np.zeros(HOSTNAME_BYTES, dtype=np.uint8)
             buf[: len(me)] = np.frombuffer(me, dtype=np.uint8)
             got = np.asarray(exchange(buf))

@@ -21,12 +21,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hvdkit.tracking._apply import Applier, StoreUnavailable
+from hvdkit.tracking._apply_outcome import StoreUnavailable
 from hvdkit.tracking._apply_process import ApplierProcess, ApplyProcessFailed
 from hvdkit.tracking.keys import ENV_SQLITE_BULK_METRICS
 from hvdkit.tracking._spool import Event, Spool
 from hvdkit.tracking._uri import absolute_uri, is_remote
+
+if TYPE_CHECKING:
+    from hvdkit.tracking._apply import Applier
 
 log = logging.getLogger("hvdkit.tracking")
 
@@ -80,7 +84,11 @@ class SpoolWriter:
         workers = 4 if is_remote(self.tracking_uri) else 1
         # A job's writer applies from a process of its own (see _apply_process: MLflow's Python
         # takes no GIL from training); the thread-local Applier serves tools and unit tests.
-        applier_type = ApplierProcess if apply_process else Applier
+        # (Applier imports MLflow: only when it is the one used.)
+        if apply_process:
+            applier_type = ApplierProcess
+        else:
+            from hvdkit.tracking._apply import Applier as applier_type
         self._applier: Applier | ApplierProcess = applier_type(
             spool, self.tracking_uri, workers=workers, on_run_created=self._created
         )
