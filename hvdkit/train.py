@@ -291,9 +291,11 @@ def _build_model(py, recipe, data):
 def train(loaded, *, no_track=False, log_every=None, experiment=None, baseline=None, parent_run_id=None,
           resume=None, force=False, summary_json=None) -> int:
     from hvdkit.core import load_builtin, print_summary, run_training
-    from hvdkit.tracking import World, open_job_tracker
+    from hvdkit.tracking import World, open_job_tracker, prestart_writer
 
     recipe = loaded.recipe
+    if not no_track and os.environ.get("HOROVOD_ELASTIC") != "1":  # an elastic job's rank 0 may change
+        prestart_writer()  # MLflow's import in the apply process overlaps the framework's, below
     marks = {"module_imported": _T_IMPORT}
     try:
         import psutil

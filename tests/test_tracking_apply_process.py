@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -15,7 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from hvdkit.tracking import sync_spool
+from hvdkit.tracking import _apply_process
 from hvdkit.tracking._apply_process import NICE
+from hvdkit.tracking.keys import ENV_SQLITE_BULK_METRICS
 from hvdkit.tracking._spool import Spool
 from hvdkit.tracking._writer import SpoolWriter
 
@@ -48,7 +52,7 @@ def test_the_child_applies_relays_run_ids_and_ends_with_the_writer(tmp_path):
     w = SpoolWriter(Spool.create(tmp_path / "spool", "job-1", uri), uri, apply_process=True)
     child = psutil.Process(w._applier.pid)
     assert child.ppid() == os.getpid() and child.nice() == NICE  # below training's priority
-    assert "HVDKIT_APPLY_TARGET_URI" not in " ".join(child.cmdline())  # the URI travels in the environment
+    assert uri not in " ".join(child.cmdline()) and uri not in child.environ().values()  # the target: on the pipe
     w.submit(_create("parent"))
     w.submit(_create("rank0", "parent"))
     parent_id = w.wait_for_run("parent", 60)
@@ -90,3 +94,36 @@ def test_a_killed_child_loses_nothing(tmp_path, capsys, caplog):
     assert _history(uri, parent_id) == list(range(1, 101))  # every point, none twice
     again = sync_spool(spool_dir, uri)
     assert again.applied == 0 and _history(uri, parent_id) == list(range(1, 101))
+
+
+def test_a_prestarted_child_serves_the_writer_with_the_environment_set_after_it_started(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_SQLITE_BULK_METRICS, raising=False)
+    monkeypatch.setenv("HVDKIT_TEST_GONE_LATER", "1")
+    _apply_process.prestart()
+    prestarted = _apply_process._prestarted[0].pid
+    # Set after the child started: the opening message carries it (the child reports bulk metrics
+    # only if it sees the opt-in), and what was unset meanwhile is unset there too.
+    monkeypatch.setenv(ENV_SQLITE_BULK_METRICS, "1")
+    monkeypatch.delenv("HVDKIT_TEST_GONE_LATER")
+    uri = sqlite_store(tmp_path)
+    w = SpoolWriter(Spool.create(tmp_path / "spool", "job-3", uri), uri, apply_process=True)
+    assert w._applier.pid == prestarted and _apply_process._prestarted is None  # taken, not a second child
+    child = psutil.Process(prestarted)
+    assert child.nice() == NICE and "HVDKIT_TEST_GONE_LATER" in child.environ()  # its start environment
+    w.submit(_create("parent"))
+    w.submit(_losses("parent", range(1, 11)))
+    parent_id = w.wait_for_run("parent", 60)
+    report = w.close(60)
+    assert parent_id is not None and report.pending == 0 and report.applied == 2
+    assert w._applier.bulk_metrics is True  # the child read the opt-in set after it started
+    assert _history(uri, parent_id) == list(range(1, 11))
+    child.wait(5)
+
+
+def test_a_prestarted_child_no_writer_took_ends_with_its_process():
+    code = ("from hvdkit.tracking import _apply_process as a; a.prestart(); "
+            "print(a._prestarted[0].pid, flush=True)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    pid = int(out.stdout.split()[0])
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+               "the untaken child's end")

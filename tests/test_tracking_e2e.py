@@ -71,13 +71,35 @@ def _summary_steps(stdout: str) -> int:
 
 
 # -- the layout of a job, per framework --------------------------------------------------------
+def _imported_by_rank(log_dir: Path) -> dict[int, set[str]]:
+    """The top-level modules each rank imported, from its ``-X importtime`` lines in the raw log
+    (``[<rank>]<stderr>:import time: self | cumulative | module``; rank 0's apply child writes to
+    rank 0's stderr)."""
+    line_re = re.compile(r"^\[(\d+)\]<stderr>:import time:\s+\d+ \|\s+\d+ \| +([\w.]+)")
+    by_rank: dict[int, set[str]] = {}
+    for log in log_dir.glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            m = line_re.match(line)
+            if m:
+                by_rank.setdefault(int(m.group(1)), set()).add(m.group(2).split(".")[0])
+    return by_rank
+
+
 @pytest.mark.horovod
 @pytest.mark.parametrize("framework", [pytest.param("torch", marks=pytest.mark.quick), "tensorflow"])  # quick: make test-quick's job
 def test_two_rank_job_one_parent_two_children_every_key(tmp_path, framework):
     uri = sqlite_store(tmp_path)
     res = hvdkit(["run", DIGITS, "-np", "2", "--framework", framework, "--log-every", str(LOG_EVERY), *QUICK],
-                 cwd=tmp_path, env=worker_env(MLFLOW_TRACKING_URI=uri))
+                 cwd=tmp_path, env=worker_env(MLFLOW_TRACKING_URI=uri, PYTHONPROFILEIMPORTTIME="1",
+                                              HVDKIT_LOG_DIR=str(tmp_path / "logs")))
     assert res.returncode == 0, _tail(res)
+    # A rank that does not write stays lean to its end: no MLflow, and a torch rank neither TensorFlow
+    # nor scikit-learn (Keras imports that itself); the framework shows that the lines were read.
+    imported = _imported_by_rank(tmp_path / "logs")
+    assert framework in imported.get(1, set()), sorted(imported)
+    lean = {"mlflow"} | ({"tensorflow", "keras", "sklearn"} if framework == "torch" else set())
+    assert not imported[1] & lean, sorted(imported[1] & lean)
+    assert "mlflow" in imported[0]  # the writer's rank: its apply child, its datasets
     steps = _summary_steps(res.stdout)
     expect_steps = _gather_steps(steps, LOG_EVERY)
 

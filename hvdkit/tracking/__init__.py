@@ -24,6 +24,7 @@ _EXPORTS = {
     "TrackingConfig": "hvdkit.tracking._job",
     "World": "hvdkit.tracking._job",
     "open_job_tracker": "hvdkit.tracking._job",
+    "prestart_writer": "hvdkit.tracking._job",
     "rank_zero": "hvdkit.tracking._rank",
     "rank_zero_only": "hvdkit.tracking._rank",
     "resolve_tracking_uri": "hvdkit.tracking._uri",
@@ -60,7 +61,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from hvdkit.tracking import keys
-    from hvdkit.tracking._job import JobTracker, NullJobTracker, TrackingConfig, World, open_job_tracker
+    from hvdkit.tracking._job import JobTracker, NullJobTracker, TrackingConfig, World, open_job_tracker, prestart_writer
     from hvdkit.tracking._rank import rank_zero, rank_zero_only
     from hvdkit.tracking._uri import resolve_tracking_uri
     from hvdkit.tracking._validate import flatten_params

@@ -13,9 +13,16 @@ store current as the thread did.
 ``stats``, ``bulk_metrics``), so ``SpoolWriter`` drives it the same way. One request at a time over
 the child's stdin/stdout, JSON lines:
 
+* parent, once, first: ``{"open": {"spool_dir", "workers", "target", "env", "unset"}}``: the spool,
+  the store (the URI may hold a password: it travels here, never on a command line nor in the
+  child's environment) and what changed in the environment since the child started;
 * parent: ``{"max": 5000}``
 * child: any number of ``{"created": [ref, run_id]}`` (relayed at once: ``wait_for_run``), then
   one of ``{"ok": n, "dropped": d, "bulk": b}``, ``{"unavailable": why}``, ``{"error": traceback}``.
+
+The child can start before its job knows the spool (:func:`prestart`, rank 0 at process start):
+MLflow's import, seconds of CPU, then overlaps the framework's import and ``hvd.init`` instead of
+delaying the first step (docs/benchmarks.md, "The tracked job's start").
 
 Applying is idempotent and the child saves the spool state after each window, so killing it at
 any moment (the job ends, the parent dies: the child sees its stdin close) loses nothing: what it
@@ -24,6 +31,7 @@ did not apply stays in the spool for ``hvdkit sync``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -38,12 +46,53 @@ from hvdkit.tracking._apply_outcome import ApplyStats, StoreUnavailable
 # jobs): apply thread 0.814; this process at nice 10: 0.848, at nice 19: 0.88; SCHED_IDLE was no
 # better than nice 19 (0.910 against 0.901, alternated) and can starve the store (docs/benchmarks.md).
 NICE = 19
-_ENV_TARGET = "HVDKIT_APPLY_TARGET_URI"
 _EXIT_STATUS_WAIT_S = 5.0  # after the pipe closed: the child is exiting
 
 
 class ApplyProcessFailed(RuntimeError):
     """The child died, or failed in a way it reported; the spool keeps what it did not apply."""
+
+
+_prestarted: tuple[subprocess.Popen, dict[str, str]] | None = None
+
+
+def _spawn() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hvdkit.tracking._apply_process"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def prestart() -> None:
+    """Start this process's apply child now, before its spool exists, so that MLflow's import runs
+    while the framework loads; the job's writer takes it (:class:`ApplierProcess`). Idempotent. A
+    child no writer took (tracking turned out off) sees its stdin close at this process's exit."""
+    global _prestarted
+    if _prestarted is None:
+        _prestarted = (_spawn(), dict(os.environ))
+        atexit.register(_end_untaken)
+
+
+def _take_prestarted() -> tuple[subprocess.Popen, dict[str, str]] | None:
+    global _prestarted
+    taken, _prestarted = _prestarted, None
+    if taken is not None and taken[0].poll() is not None:  # it died meanwhile: start another
+        return None
+    return taken
+
+
+def _end_untaken() -> None:
+    global _prestarted
+    if _prestarted is not None:
+        proc = _prestarted[0]
+        _prestarted = None
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        try:
+            proc.wait(_EXIT_STATUS_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 class ApplierProcess:
@@ -55,18 +104,23 @@ class ApplierProcess:
         from hvdkit.tracking import _sqlfast
 
         self._bulk = _sqlfast.enabled()  # until the child reports (the opt-in may fall back there)
-        # The child inherits this process's environment as it is now (MLflow's HTTP settings the
-        # writer set, the credentials); the target URI, which may hold a password, goes the same
-        # way, never on a command line.
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "hvdkit.tracking._apply_process", str(spool.dir), str(workers)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            env={**os.environ, _ENV_TARGET: target_uri},
-        )
-        try:  # from here, not in the child: its imports (MLflow's take seconds of CPU) run niced too
+        self._proc, env_at_start = _take_prestarted() or (_spawn(), dict(os.environ))
+        try:  # niced from here, not in the child: a fresh child's imports run niced too
             os.setpriority(os.PRIO_PROCESS, self._proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
         except OSError:
             pass
+        # What the child lacks: the target (it may hold a password: never on a command line nor in
+        # an environment) and what this process set since the child started (MLflow's HTTP
+        # settings the writer chose, the credentials file MLflow is pointed at).
+        env = {k: v for k, v in os.environ.items() if env_at_start.get(k) != v}
+        unset = [k for k in env_at_start if k not in os.environ]
+        opening = {"spool_dir": str(spool.dir), "workers": workers, "target": target_uri, "env": env, "unset": unset}
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(json.dumps({"open": opening}) + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the child is gone: the first apply_next reports it
 
     @property
     def bulk_metrics(self) -> bool:
@@ -163,9 +217,16 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    target = os.environ.pop(_ENV_TARGET)
-    return _serve(argv[0], int(argv[1]), target, sys.stdin, proto)
+    import hvdkit.tracking._apply  # noqa: F401 - MLflow's import: the part worth starting early
 
+    line = sys.stdin.readline()
+    if not line:  # no writer took this child (a prestarted one whose job did not track)
+        return 0
+    opening = json.loads(line)["open"]
+    for name in opening["unset"]:
+        os.environ.pop(name, None)
+    os.environ.update(opening["env"])
+    return _serve(opening["spool_dir"], int(opening["workers"]), opening["target"], sys.stdin, proto)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

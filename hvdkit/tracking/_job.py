@@ -15,7 +15,9 @@ import numpy as np
 
 from hvdkit._ids import new_job_id
 from hvdkit.tracking import keys
+from hvdkit.tracking._apply_process import prestart
 from hvdkit.tracking._config import STATUSES, TrackingConfig, validate
+from hvdkit.tracking._launch_env import launch_rank
 from hvdkit.tracking._null import NullJobTracker
 from hvdkit.tracking._rank import NullWriter, rank_zero
 from hvdkit.tracking._runs import CHILD_RUNS_WAIT_S
@@ -24,6 +26,14 @@ from hvdkit.tracking._tracker import JobTracker
 from hvdkit.tracking._uri import absolute_uri, resolve_tracking_uri
 from hvdkit.tracking._world import World
 from hvdkit.tracking._writer import SpoolWriter
+
+
+def prestart_writer() -> None:
+    """On the rank that will write (rank 0 as the launcher numbered it), start the writer's apply
+    process now, at the process's start: it imports MLflow while the framework loads and
+    ``hvd.init`` runs, and :func:`open_job_tracker`'s writer takes it. Elsewhere nothing."""
+    if launch_rank() == 0:
+        prestart()
 
 
 def open_job_tracker(
@@ -56,4 +66,5 @@ def open_job_tracker(
     return JobTracker(config, world, gather, broadcast_object, writer, job_id, gather_async=gather_async)
 
 
-__all__ = ["CHILD_RUNS_WAIT_S", "STATUSES", "JobTracker", "NullJobTracker", "TrackingConfig", "World", "open_job_tracker"]
+__all__ = ["CHILD_RUNS_WAIT_S", "STATUSES", "JobTracker", "NullJobTracker", "TrackingConfig", "World", "open_job_tracker",
+           "prestart_writer"]

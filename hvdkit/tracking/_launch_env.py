@@ -77,6 +77,15 @@ def launch_value(env, var: str) -> str:
     return env.get(var, "")
 
 
+def launch_rank() -> int | None:
+    """This process's rank as its launcher numbered it, before ``hvd.init``; None outside a launch."""
+    launch = _launch()
+    if launch is None:
+        return None
+    value = launch_value(os.environ, launch[1][0]).strip()
+    return int(value) if value.isdigit() else None
+
+
 def rank_hostname(env=None) -> str:
     """This rank's host as the launcher names it: horovodrun's HOROVOD_HOSTNAME, the Slurm node
     of an srun task (slurmd's name for it: nodes that share a kernel's hostname, e.g. several

@@ -102,8 +102,12 @@ def _own_name_problem(name: str) -> str | None:
 _NAME_VALIDATORS = {"metric": "_validate_metric_name", "param": "_validate_param_name", "tag": "_validate_tag_name"}
 
 
-def name_problem(kind: str, name: str) -> str | None:
-    """Why MLflow rejects ``name`` as a ``kind`` ("metric", "param", "tag") name; None if it accepts it."""
+def name_problem(kind: str, name: str, *, import_mlflow: bool = True) -> str | None:
+    """Why MLflow rejects ``name`` as a ``kind`` ("metric", "param", "tag") name; None if it accepts it.
+    ``import_mlflow=False``: by the documented rule alone, for a process that never otherwise
+    imports MLflow (a rank that does not write: the import is seconds of its CPU)."""
+    if not import_mlflow:
+        return _own_name_problem(name)
     from mlflow.exceptions import MlflowException
 
     validate = getattr(_validation(), _NAME_VALIDATORS[kind], None)

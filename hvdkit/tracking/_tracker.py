@@ -478,7 +478,9 @@ class JobTracker:
         """Parent-run metrics already reduced over ranks (val_loss...). Rank 0 writes them."""
         if not self._started or self._finished:
             raise UsageError("JobTracker.log_metrics() outside start() ... finish()", fix="log between start() and finish()")
-        rows = [[check_metric_name(k), check_metric_value(k, v), 0, int(step)] for k, v in metrics.items()]
+        writes = self.world.rank == 0  # a rank that does not write imports no MLflow (docs/testing.md)
+        rows = [[check_metric_name(k, import_mlflow=writes), check_metric_value(k, v), 0, int(step)]
+                for k, v in metrics.items()]
         if self.world.rank != 0:
             return
         ts = now_ms()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hvdkit.errors import TrackingError
-from hvdkit.tracking._mlflow_private import length_limits, name_problem
+from hvdkit.tracking._mlflow_private import REST_MAX_ENTITY_KEY_LENGTH, length_limits, name_problem
 
 
 def _name_fix() -> str:
@@ -21,31 +21,34 @@ def _name_fix() -> str:
     )
 
 
-# Names already checked: log_metrics is called with the same few keys every epoch.
-_ok_metric_names: set[str] = set()
+# Names already checked, per rule: log_metrics is called with the same few keys every epoch.
+_ok_metric_names: set[tuple[bool, str]] = set()
 
 
-def _check_name(kind: str, key: str) -> str:
-    problem = name_problem(kind, key)
+def _check_name(kind: str, key: str, import_mlflow: bool = True) -> str:
+    problem = name_problem(kind, key, import_mlflow=import_mlflow)
     if problem is not None:
         raise TrackingError(f"MLflow rejects {kind} name {key!r}: {problem}", fix=_name_fix())
     return key
 
 
-def _check_key_length(kind: str, key: str) -> str:
-    limit = length_limits().key
+def _check_key_length(kind: str, key: str, import_mlflow: bool = True) -> str:
+    limit = length_limits().key if import_mlflow else REST_MAX_ENTITY_KEY_LENGTH
     if len(key) > limit:
         raise TrackingError(f"{kind} name {key[:40]!r}... is longer than {limit} characters", fix=_name_fix())
     return key
 
 
-def check_metric_name(key: object) -> str:
-    if isinstance(key, str) and key in _ok_metric_names:
+def check_metric_name(key: object, *, import_mlflow: bool = True) -> str:
+    """``key`` if MLflow accepts it as a metric name. ``import_mlflow=False`` checks by MLflow's
+    documented rule and limit instead of its validator: the ranks that do not write (the writer's
+    rank checks the same names with MLflow's own code, and its error ends the job)."""
+    if isinstance(key, str) and (import_mlflow, key) in _ok_metric_names:
         return key
     if not isinstance(key, str):
         raise TrackingError(f"metric name {key!r} is not a string", fix="name metrics with str keys")
-    _check_key_length("metric", _check_name("metric", key))
-    _ok_metric_names.add(key)
+    _check_key_length("metric", _check_name("metric", key, import_mlflow), import_mlflow)
+    _ok_metric_names.add((import_mlflow, key))
     return key
 
 

@@ -15,13 +15,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any
 
 from hvdkit.errors import TrackingError, UsageError
 from hvdkit.tracking import keys
+
+if TYPE_CHECKING:  # MLflow is imported where a store is read: every rank computes its job's throughput
+    from mlflow import MlflowClient
 
 
 def scaling_efficiency(t_n: float, n: int, t_1: float) -> float:
@@ -102,6 +102,8 @@ def find_baseline(
     framework, batch size and host type. None when there is none (the caller says so and logs
     no efficiency). ``any_accelerator``: ``host_type`` is this host without an accelerator (a
     launcher, which imports no framework) and a run of this host with any accelerator matches too."""
+    from mlflow.exceptions import MlflowException
+
     if run_id:
         try:
             run = client.get_run(run_id)
