@@ -64,11 +64,11 @@ def _spawn() -> subprocess.Popen:
 def prestart() -> None:
     """Start this process's apply child now, before its spool exists, so that MLflow's import runs
     while the framework loads; the job's writer takes it (:class:`ApplierProcess`). Idempotent. A
-    child no writer took (tracking turned out off) sees its stdin close at this process's exit."""
+    child no writer took (the job failed before its tracker opened) ends at this process's exit."""
     global _prestarted
     if _prestarted is None:
         _prestarted = (_spawn(), dict(os.environ))
-        atexit.register(_end_untaken)
+        atexit.register(_end_untaken)  # a no-op once a writer took it
 
 
 def _take_prestarted() -> tuple[subprocess.Popen, dict[str, str]] | None:
@@ -80,19 +80,18 @@ def _take_prestarted() -> tuple[subprocess.Popen, dict[str, str]] | None:
 
 
 def _end_untaken() -> None:
+    # It holds nothing yet (no spool, no store): killed, not waited for through MLflow's import.
     global _prestarted
     if _prestarted is not None:
         proc = _prestarted[0]
         _prestarted = None
+        proc.kill()
+        proc.wait()
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()  # type: ignore[union-attr]
             except OSError:
                 pass
-        try:
-            proc.wait(_EXIT_STATUS_WAIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class ApplierProcess:
