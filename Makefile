@@ -20,7 +20,7 @@ EXTRAS ?= torch,tensorflow,dev
 TORCH_PIP_ARGS ?=
 TORCH_REQ := $(shell grep -o 'torch==[0-9.]*' pyproject.toml | head -1)
 
-.PHONY: setup system-deps horovod demo test test-quick test-mlflow-oldest bench lint clean
+.PHONY: setup system-deps horovod demo test test-quick test-mlflow-oldest coverage bench lint clean
 .DEFAULT_GOAL := demo
 
 setup: system-deps $(STAMP) horovod
@@ -99,6 +99,19 @@ test-mlflow-oldest: setup $(OLDEST_STAMP)
 	  assert V(mlflow.__version__) == V("$(MLFLOW_OLDEST)"), mlflow.__version__; print("tracking tests on MLflow", mlflow.__version__)'
 	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(TRACKING_TESTS)
 
+# Line coverage of hvdkit/ over the main pass, the ranks' code included: coverage.py's subprocess
+# measurement, started in every Python process of the venv that has COVERAGE_PROCESS_START set by
+# a .pth this target writes and removes. Once per change to the suite, not in CI (docs/testing.md).
+COVERAGE_DIR := $(CURDIR)/.coverage-data
+coverage: setup
+	@rm -rf $(COVERAGE_DIR) && mkdir -p $(COVERAGE_DIR)
+	@pth="$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hvdkit_coverage.pth"; \
+	  echo 'import os; os.environ.get("COVERAGE_PROCESS_START") and __import__("coverage").process_startup()' > "$$pth"; \
+	  HVDKIT_COVERAGE_DIR=$(COVERAGE_DIR) COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml \
+	    $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; rm -f "$$pth"; \
+	  HVDKIT_COVERAGE_DIR=$(COVERAGE_DIR) $(BIN)/coverage combine -q --rcfile=pyproject.toml && \
+	  HVDKIT_COVERAGE_DIR=$(COVERAGE_DIR) $(BIN)/coverage report --rcfile=pyproject.toml | tail -1; exit $$rc
+
 # Benchmarks (JSON lines + a table; ratios measured side by side): see docs/benchmarks.md.
 bench: setup
 	$(BIN)/python -m bench all
@@ -107,4 +120,4 @@ lint: $(STAMP)
 	$(BIN)/hadolint docker/Dockerfile.*
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .coverage-data
