@@ -75,23 +75,17 @@ def _take_prestarted() -> tuple[subprocess.Popen, dict[str, str]] | None:
     global _prestarted
     taken, _prestarted = _prestarted, None
     if taken is not None and taken[0].poll() is not None:  # it died meanwhile: start another
+        taken[0].communicate()  # its pipes closed
         return None
     return taken
 
 
 def _end_untaken() -> None:
     # It holds nothing yet (no spool, no store): killed, not waited for through MLflow's import.
-    global _prestarted
-    if _prestarted is not None:
-        proc = _prestarted[0]
-        _prestarted = None
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
+    untaken = _take_prestarted()
+    if untaken is not None:
+        untaken[0].kill()
+        untaken[0].communicate()  # reaped, its pipes closed
 
 
 class ApplierProcess:
@@ -226,6 +220,7 @@ def main(argv: list[str]) -> int:
         os.environ.pop(name, None)
     os.environ.update(opening["env"])
     return _serve(opening["spool_dir"], int(opening["workers"]), opening["target"], sys.stdin, proto)
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

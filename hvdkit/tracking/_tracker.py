@@ -481,7 +481,7 @@ class JobTracker:
         writes = self.world.rank == 0  # a rank that does not write imports no MLflow (docs/testing.md)
         rows = [[check_metric_name(k, import_mlflow=writes), check_metric_value(k, v), 0, int(step)]
                 for k, v in metrics.items()]
-        if self.world.rank != 0:
+        if not writes:
             return
         ts = now_ms()
         for row in rows:
