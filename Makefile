@@ -73,12 +73,20 @@ TRACKING_TESTS ?= tests/test_tracking_job.py tests/test_tracking_spool.py tests/
   "$(E2E)::test_two_rank_job_one_parent_two_children_every_key[torch]" \
   $(E2E)::test_context_tags_on_a_plain_mlflow_script_under_horovodrun $(E2E)::test_ui_serves_the_store_and_prints_the_runs_page
 
+# The unit tier runs first, alone and in this process's order (a failure there stops `make test`
+# before any process starts); the job and system tiers then run on TEST_WORKERS pytest-xdist
+# workers, dispatched in tier order, each file (or group of files sharing a fixture or a system,
+# tests/_suite.py SHARED) on one worker. Two workers on this 2-core machine: a paced or waiting
+# system test (an outage, Slurm, elastic) overlaps a CPU-bound job (docs/testing.md).
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 test: setup
 	@rm -rf $(DURATIONS)
-	HVDKIT_TEST_DURATIONS=$(DURATIONS)/main.json $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HVDKIT_TEST_DURATIONS=$(DURATIONS)/unit.json $(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+	HVDKIT_TEST_DURATIONS=$(DURATIONS)/main.json $(BIN)/python -m pytest -m "not unit" $(XDIST) $(PYTEST_ARGS)
 	HVDKIT_TEST_DURATIONS=$(DURATIONS)/oldest.json $(MAKE) --no-print-directory test-mlflow-oldest
 	@echo "== the slowest test files of both passes (make test)"
-	@$(BIN)/python tests/_durations.py $(DURATIONS)/main.json "MLflow $(MLFLOW_OLDEST)=$(DURATIONS)/oldest.json"
+	@$(BIN)/python tests/_durations.py $(DURATIONS)/unit.json $(DURATIONS)/main.json "MLflow $(MLFLOW_OLDEST)=$(DURATIONS)/oldest.json"
 
 # The edit-test loop: the unit tier and one real 2-rank job (tests/_suite.py, docs/testing.md).
 test-quick: setup
@@ -97,7 +105,7 @@ test-mlflow-oldest: setup $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/hvdkit build-horovod  # the cached wheel and its marker in this venv (horovodrun)
 	$(OLDEST_VENV)/bin/python -c 'import mlflow; from packaging.version import Version as V; \
 	  assert V(mlflow.__version__) == V("$(MLFLOW_OLDEST)"), mlflow.__version__; print("tracking tests on MLflow", mlflow.__version__)'
-	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(TRACKING_TESTS)
+	$(OLDEST_VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) $(TRACKING_TESTS)
 
 # Line coverage of hvdkit/ over the main pass, the ranks' code included: coverage.py's subprocess
 # measurement, started in every Python process of the venv that has COVERAGE_PROCESS_START set by

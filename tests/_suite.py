@@ -7,6 +7,13 @@ itself or by its module's ``pytestmark``). Collection puts the tiers in that ord
 the first stops the session before any process starts. A ``unit`` test that starts a process
 fails at once, naming the marker it needs: the first tier stays fast because it is checked.
 
+Workers (``make test``: ``-n 2`` after the unit tier): pytest-xdist hands out whole groups, in
+collection order (so in tier order): a group is a file, or several files that share a thing
+(``SHARED``). A module's fixtures and a session fixture several files read are paid for once, on
+one worker, and two files that set up the same system (the network-namespace hosts) never run at
+once. (The scheduler is ours, ``FileGroups``: xdist's own ``--dist loadgroup`` renames node ids,
+which pytest 9.2 no longer lets a plugin do, and it splits a group silently.)
+
 The table: every test's setup + call + teardown is summed per file; the slowest 15 files are printed
 at the end with their share of the whole, and written as JSON to ``$HVDKIT_TEST_DURATIONS`` when
 set, so ``make test`` can print one table over both of its passes (``tests/_durations.py``).
@@ -25,6 +32,15 @@ import pytest
 TIERS = ("unit", "job", "system")
 _SLOWEST = 15
 
+# Files that must share a worker: the same session fixture, or the same system set up by name.
+SHARED = {
+    "tests/test_report.py": "digits-sweep",  # conftest.digits_sweep: one np=1,2 sweep for the three
+    "tests/test_plan.py": "digits-sweep",
+    "tests/test_ui_browser.py": "digits-sweep",
+    "tests/test_multihost.py": "netns-hosts",  # tests/_netns.py: the same namespace names and bridge
+    "tests/test_secrets.py": "netns-hosts",
+}
+
 
 def tier_of(item) -> str:
     if item.get_closest_marker("system"):
@@ -36,6 +52,12 @@ def tier_of(item) -> str:
 
 def _file_of(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
+
+
+def group_of(nodeid: str) -> str:
+    """The worker group of a test: what it shares with other files (``SHARED``), else its file."""
+    path = _file_of(nodeid)
+    return SHARED.get(path, path)
 
 
 class Suite:
@@ -84,7 +106,7 @@ class Suite:
             self.unit_failed += 1
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.seconds:
+        if not self.seconds or hasattr(terminalreporter.config, "workerinput"):  # the controller reports
             return
         rows = {p: {"seconds": round(s, 2), "tests": self.tests[p]} for p, s in self.seconds.items()}
         out = os.environ.get("HVDKIT_TEST_DURATIONS")
@@ -94,6 +116,19 @@ class Suite:
         terminalreporter.write_sep("=", f"slowest {_SLOWEST} test files")
         for line in table(rows):
             terminalreporter.write_line(line)
+
+
+class FileGroups:
+    """The pytest-xdist scheduler of ``make test``: one unit of work per ``group_of`` a test."""
+
+    def pytest_xdist_make_scheduler(self, config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduler(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return group_of(nodeid)
+
+        return Scheduler(config, log)
 
 
 def table(rows: dict[str, dict], limit: int = _SLOWEST) -> list[str]:

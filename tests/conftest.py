@@ -16,9 +16,11 @@ BIN = Path(sys.executable).parent
 
 
 def pytest_configure(config) -> None:
-    from _suite import Suite  # the tiers, their order and guard, the per-file time table
+    from _suite import FileGroups, Suite  # the tiers, their order and guard, the per-file time table
 
     config.pluginmanager.register(Suite(), "hvdkit-suite")
+    if config.pluginmanager.hasplugin("xdist"):  # make test's workers: whole files and groups of files
+        config.pluginmanager.register(FileGroups(), "hvdkit-file-groups")
 
 
 def pytest_addoption(parser) -> None:
