@@ -269,13 +269,13 @@ def test_skip_keys_are_logged_nowhere(tmp_path, monkeypatch):
     from hvdkit.tracking import TrackingConfig
 
     try:
-        from test_tracking_support import FakeWorld, finish_all, start_all, step_all
+        from test_tracking_support import FakeWorld, finish_all, patient_config, start_all, step_all
     except ImportError:
-        from tests.test_tracking_support import FakeWorld, finish_all, start_all, step_all
+        from tests.test_tracking_support import FakeWorld, finish_all, patient_config, start_all, step_all
 
     monkeypatch.chdir(tmp_path)
     uri = sqlite_store(tmp_path)
-    config = TrackingConfig(tracking_uri=uri, log_every=5, spool_dir=str(tmp_path / "spool"),
+    config = patient_config(uri, tmp_path / "spool", log_every=5,
                             skip_keys=frozenset({keys.LOSS, keys.SAMPLES_PER_SEC}))
     trackers = FakeWorld(2).trackers(config)
     start_all(trackers, tags={keys.TAG_RECIPE: "x"})

@@ -469,17 +469,15 @@ def test_sync_of_a_non_spool_is_exit_2(tmp_path):
 
 def test_launcher_job_id_reaches_the_runs(tmp_path, monkeypatch):
     """$HVDKIT_JOB_ID (set by hvdkit run / scale) is the job id rank 0 tags the runs with."""
-    from hvdkit.tracking import TrackingConfig
-
     try:
-        from test_tracking_support import FakeWorld, finish_all, start_all, step_all
+        from test_tracking_support import FakeWorld, finish_all, patient_config, start_all, step_all
     except ImportError:
-        from tests.test_tracking_support import FakeWorld, finish_all, start_all, step_all
+        from tests.test_tracking_support import FakeWorld, finish_all, patient_config, start_all, step_all
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(keys.ENV_JOB_ID, "20990101-000000-launcher")
     uri = sqlite_store(tmp_path)
-    trackers = FakeWorld(2).trackers(TrackingConfig(tracking_uri=uri, log_every=5, spool_dir=str(tmp_path / "spool")))
+    trackers = FakeWorld(2).trackers(patient_config(uri, tmp_path / "spool", log_every=5))
     start_all(trackers, tags={keys.TAG_RECIPE: "x"})
     assert [t.job_id for t in trackers] == ["20990101-000000-launcher"] * 2  # rank 1 learns it by the broadcast
     for step in range(1, 6):

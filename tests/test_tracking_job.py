@@ -26,9 +26,9 @@ from hvdkit.tracking import (
 )
 
 try:
-    from test_tracking_support import FakeWorld, finish_all, job_runs, sqlite_store, start_all, step_all, step_values
+    from test_tracking_support import FakeWorld, finish_all, job_runs, patient_config, sqlite_store, start_all, step_all, step_values
 except ImportError:  # tests/ made a package
-    from tests.test_tracking_support import FakeWorld, finish_all, job_runs, sqlite_store, start_all, step_all, step_values
+    from tests.test_tracking_support import FakeWorld, finish_all, job_runs, patient_config, sqlite_store, start_all, step_all, step_values
 
 pytestmark = pytest.mark.job  # tests/_suite.py: starts processes
 
@@ -44,18 +44,11 @@ def store(tmp_path, monkeypatch):
     return uri, MlflowClient(tracking_uri=uri)
 
 
-# finish() ends with the writer's close(), which gives the store close_timeout_s to take what is
-# spooled and then leaves the rest in the spool for `hvdkit sync` (TrackingConfig's 30 s: what a dead
-# server may add to a job's end). These tests read the store right after finish(), so they need
-# close() to have applied everything: on a stalled machine a healthy sqlite store can take longer
-# than 30 s (CI once read 2 of 3 runs after close gave up), so here close waits as long as it takes,
-# and the tests check its report before reading the store.
-CLOSE_TIMEOUT_S = 300.0
-
-
 def _config(uri, tmp_path, **kw):
-    kw.setdefault("close_timeout_s", CLOSE_TIMEOUT_S)
-    return TrackingConfig(tracking_uri=uri, log_every=LOG_EVERY, spool_dir=str(tmp_path / "spool"), **kw)
+    # patient_config: start() and close() wait as long as the store takes (CI once read 2 of 3
+    # runs after close gave up); the tests check close's report before reading the store.
+    kw.setdefault("log_every", LOG_EVERY)
+    return patient_config(uri, tmp_path / "spool", **kw)
 
 
 def _all_applied(tracker) -> None:
@@ -261,7 +254,7 @@ def test_bad_config_is_a_usage_error():
 def test_record_step_is_cheap_between_gathers(store, tmp_path):
     uri, _ = store
     world = FakeWorld(1)
-    (t,) = world.trackers(TrackingConfig(tracking_uri=uri, log_every=1_000_000, spool_dir=str(tmp_path / "spool")))
+    (t,) = world.trackers(_config(uri, tmp_path, log_every=1_000_000))
     t.start({}, {})
     before = t._writer._queue.qsize()
     t0 = time.perf_counter()

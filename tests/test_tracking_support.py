@@ -18,6 +18,23 @@ import numpy as np
 _template: Path | None = None
 
 
+# A tracker's start() waits start_timeout_s for the parent run and close() waits close_timeout_s
+# for the store; past either it spools and goes on (TrackingConfig's 30 s each: what a dead server
+# may cost a job). Tests that read the store right after need both to have happened, and on a
+# loaded machine a healthy sqlite store plus the apply child's MLflow import can take longer than
+# 30 s (a loaded full run once got run_id None from start()), so here they wait as long as it takes.
+PATIENT_S = 300.0
+
+
+def patient_config(uri: str, spool_dir, **kw):
+    """TrackingConfig for a test that reads the store right after start() or finish()."""
+    from hvdkit.tracking import TrackingConfig
+
+    kw.setdefault("start_timeout_s", PATIENT_S)
+    kw.setdefault("close_timeout_s", PATIENT_S)
+    return TrackingConfig(tracking_uri=uri, spool_dir=str(spool_dir), **kw)
+
+
 def sqlite_store(directory: Path) -> str:
     """A fresh, fully migrated MLflow sqlite store in ``directory``; returns its URI."""
     global _template
