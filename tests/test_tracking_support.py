@@ -2,6 +2,8 @@
 
 * an MLflow sqlite store per test, copied from one template: creating MLflow's schema takes
   seconds, copying the file takes milliseconds;
+* ``patient_config``: a TrackingConfig whose start() and close() wait for the store as long as it
+  takes, for tests that read the store right after;
 * ``FakeWorld``: N "ranks" in one process, with a gather and a broadcast that behave like
   Horovod's as long as the test calls the ranks in the order documented on each method.
 """
